@@ -1,0 +1,160 @@
+//! `kvplugin demo`: the main job, end to end on the real model.
+//!
+//! A stock engine answers question 1 and then question 2 on a long document (the second is its
+//! in-memory prefix hit). Then plugin engine 1 answers question 1 from cold and saves the cache to
+//! the store; a fresh plugin engine 2, sharing only the store, answers question 2 with a store hit.
+//! Its answer is compared with the stock engine's.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::{
+    corpus,
+    engine::{chat_prompt, EngineOptions, LocalEngine, ModelSource},
+    hook::{HookConfig, KvPluginHook},
+    model,
+    store::MemoryPrefixStore,
+};
+
+/// Arguments of `kvplugin demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The document [default: the GNU GPL v3 shipped with the OS].
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of the document to use.
+    #[arg(long, default_value_t = 3000)]
+    tokens: usize,
+    /// Tokens to generate per answer.
+    #[arg(long, default_value_t = 40)]
+    max_new_tokens: usize,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct DemoReport {
+    prompt_tokens: usize,
+    ttft_cold_s: f64,
+    ttft_hit_s: f64,
+    ttft_memory_hit_s: f64,
+    prefilled_tokens_hit: usize,
+    bytes_raw_16bit: u64,
+    bytes_stored: u64,
+    answers_match_stock: bool,
+}
+
+const QUESTION_1: &str = "What does this license say about distributing copies of the program?";
+const QUESTION_2: &str = "What does this license say about warranty?";
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
+    let gguf = model::smollm2_gguf(&model::models_dir());
+    let text_path = match args.text {
+        Some(p) => p,
+        None => corpus::default_document()?,
+    };
+    let text = corpus::read_text(&text_path)?;
+
+    println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
+    let stock = LocalEngine::start(EngineOptions::new(ModelSource::Gguf(gguf.clone()))).await?;
+    let document = truncate_to_tokens(&stock, &text, args.tokens)?;
+    let system = format!("Answer questions about this document.\n\n{document}");
+    let prompt_1 = stock.encode(&chat_prompt(&system, QUESTION_1))?;
+    let prompt_2 = stock.encode(&chat_prompt(&system, QUESTION_2))?;
+    let stock_1 = stock.complete(&prompt_1, args.max_new_tokens).await?;
+    let stock_2 = stock.complete(&prompt_2, args.max_new_tokens).await?;
+    println!(
+        "   cold TTFT {:.2} s, memory-hit TTFT {:.2} s ({} prompt tokens)",
+        stock_1.ttft.as_secs_f64(),
+        stock_2.ttft.as_secs_f64(),
+        prompt_2.len()
+    );
+    drop(stock);
+
+    let store = Arc::new(MemoryPrefixStore::new(4 << 30));
+    println!("== plugin engine 1: question 1 from cold, cache saved to the store");
+    let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
+    let engine_1 = LocalEngine::start(
+        EngineOptions::new(ModelSource::Gguf(gguf.clone())).with_kv_hook(hook_1.clone()),
+    )
+    .await?;
+    let cold = engine_1.complete(&prompt_1, args.max_new_tokens).await?;
+    wait_for_saves(&hook_1, 1).await?;
+    println!("   TTFT {:.2} s: {}", cold.ttft.as_secs_f64(), cold.text.trim());
+    drop(engine_1);
+
+    println!("== plugin engine 2 (fresh, shares only the store): question 2");
+    let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
+    let engine_2 = LocalEngine::start(
+        EngineOptions::new(ModelSource::Gguf(gguf)).with_kv_hook(hook_2.clone()),
+    )
+    .await?;
+    let hit = engine_2.complete(&prompt_2, args.max_new_tokens).await?;
+    let finished = wait_for_finished(&hook_2, 1).await?;
+    let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
+    println!("   TTFT {:.2} s: {}", hit.ttft.as_secs_f64(), hit.text.trim());
+    println!("   stock answer: {}", stock_2.text.trim());
+
+    let kv_values_per_token = 2 * 30 * 3 * 64; // SmolLM2-135M: K and V, 30 layers, 3 heads x 64
+    let report = DemoReport {
+        prompt_tokens: prompt_2.len(),
+        ttft_cold_s: cold.ttft.as_secs_f64(),
+        ttft_hit_s: hit.ttft.as_secs_f64(),
+        ttft_memory_hit_s: stock_2.ttft.as_secs_f64(),
+        prefilled_tokens_hit: prefilled as usize,
+        bytes_raw_16bit: (finished.last_reused_tokens as u64) * kv_values_per_token * 2,
+        bytes_stored: store.used_bytes(),
+        answers_match_stock: hit.text == stock_2.text,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// The first `n_tokens` tokens of `text`, as text.
+fn truncate_to_tokens(engine: &LocalEngine, text: &str, n_tokens: usize) -> anyhow::Result<String> {
+    let ids = engine.encode(text)?;
+    if ids.len() < n_tokens {
+        anyhow::bail!("the document has {} tokens, fewer than {n_tokens}", ids.len());
+    }
+    engine
+        .tokenizer()
+        .decode(&ids[..n_tokens], false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+}
+
+async fn wait_for_saves(hook: &KvPluginHook, n: u64) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        let m = hook.metrics().snapshot();
+        if m.saves + m.save_failures + m.dropped_saves >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the cache was not saved within 30 s")
+}
+
+async fn wait_for_finished(
+    hook: &KvPluginHook,
+    n: u64,
+) -> anyhow::Result<crate::metrics::MetricsSnapshot> {
+    for _ in 0..600 {
+        let m = hook.metrics().snapshot();
+        if m.finished_sequences >= n {
+            return Ok(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the engine did not report the finished sequence within 30 s")
+}

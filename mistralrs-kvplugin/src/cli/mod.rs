@@ -1,0 +1,77 @@
+//! The `kvplugin` command line: argument parsing and the subcommands.
+
+mod demo;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::model;
+
+/// KV-cache offload and reuse for mistral.rs.
+#[derive(Debug, Parser)]
+#[command(name = "kvplugin", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert the shipped GGUF into a Hugging Face style folder (config.json, model.safetensors,
+    /// tokenizer.json).
+    Convert {
+        /// The GGUF file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// The output folder [default: models/SmolLM2-135M-Instruct-f32].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Weight dtype: f32 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// The main job: engine 1 answers a question about a long document from cold and stores the
+    /// cache; a fresh engine 2 answers another question on the same document with a store hit.
+    Demo(demo::DemoArgs),
+}
+
+/// Runs the command line; the binary's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Convert { gguf, out, dtype } => convert(gguf, out, &dtype),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvplugin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mistralrs_kvplugin=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn convert(gguf: Option<PathBuf>, out: Option<PathBuf>, dtype: &str) -> anyhow::Result<()> {
+    let models = model::models_dir();
+    let gguf = gguf.unwrap_or_else(|| model::smollm2_gguf(&models));
+    let out = out.unwrap_or_else(|| model::smollm2_hf(&models));
+    let dtype = match dtype {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        other => anyhow::bail!("--dtype must be f32 or f16, not `{other}`"),
+    };
+    model::convert_gguf_to_hf(&gguf, &out, dtype)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

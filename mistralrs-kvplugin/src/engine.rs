@@ -1,0 +1,287 @@
+//! Running the patched mistral.rs engine on a local model: what the tests, the demo and the
+//! benchmarks drive.
+//!
+//! Always local and offline (`TokenSource::None`, model files from disk). Defaults to F32 on the
+//! CPU: the engine's automatic dtype picks BF16 on CPUs that support it, which is 4-8x slower here.
+//! Requests are sent as token ids so that what is compared across engines is exactly the same
+//! prompt; generation is greedy (top-k 1).
+
+use std::{
+    num::NonZeroUsize,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use candle_core::Device;
+use mistralrs_core::{
+    Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig,
+    IsqOrganization, KvHook, Loader, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
+    NormalLoaderType, NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response,
+    SamplingParams, SchedulerConfig, TokenSource,
+};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A GGUF file (llama.cpp format), loaded with the engine's GGUF path (interleaved RoPE).
+    Gguf(PathBuf),
+    /// A Hugging Face style folder (`config.json`, `model.safetensors`, `tokenizer.json`), loaded
+    /// with the engine's safetensors Llama path (neox RoPE).
+    HfDir(PathBuf),
+}
+
+/// How to start a [`LocalEngine`].
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// The model.
+    pub model: ModelSource,
+    /// Activation and KV-cache dtype.
+    pub dtype: ModelDType,
+    /// The KV hook to register, if any.
+    pub kv_hook: Option<Arc<dyn KvHook>>,
+    /// Whether the engine keeps its own in-memory prefix cache.
+    pub prefix_cache: bool,
+    /// Sequences the scheduler runs at once.
+    pub max_running: usize,
+}
+
+impl EngineOptions {
+    /// F32, no hook, the engine's own prefix cache on, 4 sequences at once.
+    pub fn new(model: ModelSource) -> Self {
+        Self {
+            model,
+            dtype: ModelDType::F32,
+            kv_hook: None,
+            prefix_cache: true,
+            max_running: 4,
+        }
+    }
+
+    /// Registers `hook` with the engine.
+    pub fn with_kv_hook(mut self, hook: Arc<dyn KvHook>) -> Self {
+        self.kv_hook = Some(hook);
+        self
+    }
+}
+
+/// The result of one greedy generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated text.
+    pub text: String,
+    /// The generated tokens, as the engine reports them (one string per token).
+    pub tokens: Vec<String>,
+    /// Time from sending the request to the first generated token.
+    pub ttft: Duration,
+    /// Time from sending the request to the last token.
+    pub total: Duration,
+}
+
+/// A running engine on a local model.
+pub struct LocalEngine {
+    runner: Arc<MistralRs>,
+    tokenizer: Arc<Tokenizer>,
+    next_id: AtomicUsize,
+}
+
+impl LocalEngine {
+    /// Loads the model and starts the engine.
+    pub async fn start(options: EngineOptions) -> Result<Self> {
+        let EngineOptions {
+            model,
+            dtype,
+            kv_hook,
+            prefix_cache,
+            max_running,
+        } = options;
+        let loader: Box<dyn Loader> = match &model {
+            ModelSource::Gguf(path) => {
+                let (dir, file) = split_file(path)?;
+                GGUFLoaderBuilder::new(
+                    None,
+                    None,
+                    dir,
+                    vec![file],
+                    GGUFSpecificConfig { topology: None },
+                    false,
+                    None,
+                )
+                .build()
+            }
+            ModelSource::HfDir(dir) => {
+                let config = NormalSpecificConfig {
+                    topology: None,
+                    organization: IsqOrganization::Default,
+                    write_uqff: None,
+                    from_uqff: None,
+                    imatrix: None,
+                    calibration_file: None,
+                    hf_cache_path: None,
+                    matformer_config_path: None,
+                    matformer_slice_name: None,
+                };
+                NormalLoaderBuilder::new(
+                    config,
+                    None,
+                    None,
+                    Some(dir.display().to_string()),
+                    false,
+                    None,
+                )
+                .build(Some(NormalLoaderType::Llama))
+                .map_err(Error::Engine)?
+            }
+        };
+        let pipeline = loader
+            .load_model_from_hf(
+                None,
+                TokenSource::None,
+                &dtype,
+                &Device::Cpu,
+                true,
+                DeviceMapSetting::dummy(),
+                None,
+                None,
+            )
+            .map_err(Error::Engine)?;
+        let tokenizer = pipeline
+            .lock()
+            .await
+            .tokenizer()
+            .ok_or_else(|| Error::Engine(anyhow::anyhow!("the model has no tokenizer")))?;
+        let max_running = NonZeroUsize::new(max_running.max(1)).expect("max(1) is non-zero");
+        let scheduler = SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(max_running),
+        };
+        let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
+            .with_no_prefix_cache(!prefix_cache);
+        if let Some(hook) = kv_hook {
+            builder = builder.with_kv_hook(hook);
+        }
+        Ok(Self {
+            runner: builder.build().await,
+            tokenizer,
+            next_id: AtomicUsize::new(0),
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text`, special tokens written in it (such as `<|im_start|>`) included.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Engine(anyhow::anyhow!("tokenizer: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Greedy generation of at most `max_new_tokens` tokens after `prompt`.
+    pub async fn complete(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Generation> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(max_new_tokens);
+        let request = NormalRequest {
+            messages: RequestMessage::CompletionTokens(prompt.to_vec()),
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: true,
+            is_streaming: true,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        };
+        let start = Instant::now();
+        let sender = self
+            .runner
+            .get_sender(None)
+            .map_err(|e| Error::Engine(anyhow::anyhow!("{e}")))?;
+        sender
+            .send(Request::Normal(Box::new(request)))
+            .await
+            .map_err(|_| Error::Engine(anyhow::anyhow!("the engine stopped")))?;
+
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut ttft = None;
+        loop {
+            match rx.recv().await {
+                Some(Response::CompletionChunk(chunk)) => {
+                    ttft.get_or_insert_with(|| start.elapsed());
+                    let Some(choice) = chunk.choices.into_iter().next() else {
+                        continue;
+                    };
+                    text.push_str(&choice.text);
+                    if let Some(logprob) = choice.logprobs {
+                        tokens.push(logprob.token);
+                    }
+                    if choice.finish_reason.is_some() {
+                        break;
+                    }
+                }
+                Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
+                    return Err(Error::Engine(anyhow::anyhow!("{e}")));
+                }
+                Some(Response::CompletionModelError(e, _)) => {
+                    return Err(Error::Engine(anyhow::anyhow!("{e}")));
+                }
+                Some(_) => {
+                    return Err(Error::Engine(anyhow::anyhow!("unexpected response kind")));
+                }
+                None => break,
+            }
+        }
+        let total = start.elapsed();
+        Ok(Generation {
+            text,
+            tokens,
+            ttft: ttft.unwrap_or(total),
+            total,
+        })
+    }
+}
+
+/// A prompt in SmolLM2's chat format (ChatML), ready for generation.
+pub fn chat_prompt(system: &str, user: &str) -> String {
+    format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+fn split_file(path: &std::path::Path) -> Result<(String, String)> {
+    let bad = |reason: &str| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if !path.is_file() {
+        return Err(bad("not found (run `make setup` to fetch the model)"));
+    }
+    let dir = path.parent().ok_or_else(|| bad("has no parent folder"))?;
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or_else(|| bad("file name is not UTF-8"))?;
+    let dir = if dir.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        dir.display().to_string()
+    };
+    Ok((dir, file.to_string()))
+}

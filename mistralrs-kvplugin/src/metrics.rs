@@ -1,0 +1,91 @@
+//! Counters the plugin keeps, readable at any time through [`Metrics::snapshot`]. All counters
+//! only grow; they are plain atomics so that the hot paths never lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one plugin hook.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    hit_tokens: AtomicU64,
+    lookup_failures: AtomicU64,
+    saves: AtomicU64,
+    saved_tokens: AtomicU64,
+    save_failures: AtomicU64,
+    dropped_saves: AtomicU64,
+    finished_sequences: AtomicU64,
+    last_prompt_tokens: AtomicU64,
+    last_reused_tokens: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MetricsSnapshot {
+    /// Lookups the engine asked for.
+    pub lookups: u64,
+    /// Lookups that returned a prefix.
+    pub hits: u64,
+    /// Tokens covered by the prefixes returned.
+    pub hit_tokens: u64,
+    /// Lookups that failed (counted as misses).
+    pub lookup_failures: u64,
+    /// Prefixes written to the store.
+    pub saves: u64,
+    /// Tokens covered by the prefixes written.
+    pub saved_tokens: u64,
+    /// Writes that failed.
+    pub save_failures: u64,
+    /// Saves dropped because the write queue was full.
+    pub dropped_saves: u64,
+    /// Sequences the engine reported as finished.
+    pub finished_sequences: u64,
+    /// Prompt length of the last finished sequence.
+    pub last_prompt_tokens: u64,
+    /// Prompt tokens of the last finished sequence that came from a cache instead of prefill.
+    pub last_reused_tokens: u64,
+}
+
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        impl Metrics {
+            $(
+                pub(crate) fn $name(&self, n: u64) {
+                    self.$name.fetch_add(n, Ordering::Relaxed);
+                }
+            )*
+
+            /// Reads every counter.
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                    last_prompt_tokens: self.last_prompt_tokens.load(Ordering::Relaxed),
+                    last_reused_tokens: self.last_reused_tokens.load(Ordering::Relaxed),
+                }
+            }
+        }
+    };
+}
+
+counters!(
+    lookups,
+    hits,
+    hit_tokens,
+    lookup_failures,
+    saves,
+    saved_tokens,
+    save_failures,
+    dropped_saves,
+    finished_sequences,
+);
+
+impl Metrics {
+    /// Records the prompt and reused-token counts of a finished sequence, then counts it.
+    pub(crate) fn record_finished(&self, prompt_tokens: usize, reused_tokens: usize) {
+        self.last_prompt_tokens
+            .store(prompt_tokens as u64, Ordering::Relaxed);
+        self.last_reused_tokens
+            .store(reused_tokens as u64, Ordering::Relaxed);
+        self.finished_sequences(1);
+    }
+}

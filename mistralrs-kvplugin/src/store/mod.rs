@@ -1,0 +1,101 @@
+//! Prefix stores: where the plugin keeps prefix KV caches between requests.
+//!
+//! A [`PrefixStore`] saves a prefix (its tokens and every layer's K/V, on the host) under a model
+//! fingerprint, and finds the longest saved prefix of a prompt. Invariants every store keeps:
+//! - a prefix saved under one fingerprint is never returned under another;
+//! - [`PrefixStore::load`] returns `Ok(None)` on a miss; errors are for failures only, and the
+//!   caller treats them as a miss (recompute), never as an answer;
+//! - a returned prefix is a prefix of the prompt, longer than `min_tokens`, and leaves at least
+//!   one prompt token for the engine to prefill (the engine needs logits for the last token).
+
+mod memory;
+
+pub use memory::MemoryPrefixStore;
+
+use async_trait::async_trait;
+use mistralrs_core::KvPrefix;
+
+use crate::fingerprint::ModelFingerprint;
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A prefix is malformed (layers of different lengths, tokens and rows disagree).
+    #[error("invalid prefix: {reason}")]
+    InvalidPrefix {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again may succeed.
+    pub fn is_temporary(&self) -> bool {
+        false
+    }
+}
+
+/// What [`PrefixStore::save`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// The prefix was written.
+    Written {
+        /// Bytes the store now holds for it.
+        bytes: u64,
+    },
+    /// The store already held this prefix (or a longer one covering it); nothing was written.
+    AlreadyPresent,
+}
+
+/// A place to keep prefix KV caches.
+#[async_trait]
+pub trait PrefixStore: Send + Sync {
+    /// Saves `prefix` (host tensors, `[1, kv_heads, n, head_dim]` per layer) under `model`.
+    async fn save(
+        &self,
+        model: &ModelFingerprint,
+        prefix: KvPrefix,
+    ) -> Result<SaveOutcome, StoreError>;
+
+    /// Finds the longest saved prefix of `prompt` under `model` that is longer than `min_tokens`
+    /// and shorter than `prompt`.
+    async fn load(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+    ) -> Result<Option<KvPrefix>, StoreError>;
+}
+
+/// Checks the shape invariants of a prefix: one K and V per layer, `[1, heads, n, dim]` with
+/// `n == tokens.len()`. Returns the bytes its tensors hold.
+pub(crate) fn validate_prefix(prefix: &KvPrefix) -> Result<u64, StoreError> {
+    let n = prefix.tokens.len();
+    if n == 0 || prefix.layers.is_empty() {
+        return Err(StoreError::InvalidPrefix {
+            reason: "empty prefix".into(),
+        });
+    }
+    let mut bytes = 0u64;
+    for (layer_idx, layer) in prefix.layers.iter().enumerate() {
+        for t in [&layer.k, &layer.v] {
+            let dims = t.dims();
+            if dims.len() != 4 || dims[0] != 1 || dims[2] != n {
+                return Err(StoreError::InvalidPrefix {
+                    reason: format!("layer {layer_idx}: shape {dims:?} for {n} tokens"),
+                });
+            }
+            bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Length of the common prefix of two token slices.
+pub(crate) fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
