@@ -49,6 +49,10 @@ for entry in "${crates[@]}"; do
     } | sha256sum | cut -d' ' -f1
   )"
   dest="$root/patched/$name"
+  if [[ -n "${KVPLUGIN_STAMP_ONLY:-}" ]]; then
+    echo "$stamp"
+    continue
+  fi
   if [[ -f "$dest/.kvplugin-stamp" && "$(cat "$dest/.kvplugin-stamp")" == "$stamp" ]]; then
     continue
   fi
@@ -57,6 +61,12 @@ for entry in "${crates[@]}"; do
   trap 'rm -rf "$work"' EXIT
   tar -xzf "$crate_file" -C "$work"
   mv "$work/$name-$version" "$work/$name"
+  if [[ -n "${KVPLUGIN_PATCH_DEV:-}" ]]; then
+    # For editing the patch (see export.sh): the pristine release committed in a git repository,
+    # the patches on top as uncommitted changes.
+    (cd "$work/$name" && git init -q && git add -A \
+      && git -c user.name=dev -c user.email=dev@localhost commit -qm "$name $version pristine")
+  fi
   for p in "${patch_files[@]}"; do
     echo "apply.sh: applying $(basename "$p") to $name $version" >&2
     patch --quiet --batch --forward -p1 -d "$work" <"$p" || {
@@ -75,6 +85,7 @@ for entry in "${crates[@]}"; do
     }
   done
   echo "$stamp" >"$work/$name/.kvplugin-stamp"
+
   mkdir -p "$root/patched"
   rm -rf "$dest"
   mv "$work/$name" "$dest"

@@ -22,7 +22,11 @@ pub fn models_dir() -> PathBuf {
 /// The shipped GGUF; panics with a hint when setup has not run.
 pub fn gguf_path() -> PathBuf {
     let path = model::smollm2_gguf(&models_dir());
-    assert!(path.is_file(), "{} is missing: run `make setup`", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make setup`",
+        path.display()
+    );
     path
 }
 
@@ -62,7 +66,8 @@ pub fn question_prompt(engine: &LocalEngine, document: &str, question: &str) -> 
 pub async fn wait_for(hook: &KvPluginHook, finished: u64, saves: u64) -> MetricsSnapshot {
     for _ in 0..1200 {
         let m = hook.metrics().snapshot();
-        if m.finished_sequences >= finished && m.saves + m.save_failures + m.dropped_saves >= saves {
+        if m.finished_sequences >= finished && m.saves + m.save_failures + m.dropped_saves >= saves
+        {
             return m;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -17,7 +17,11 @@ pub const DEFAULT_DOCUMENTS: &[&str] = &[
 /// The default document's path: the first of [`DEFAULT_DOCUMENTS`] that exists, else Python's
 /// `pydoc_data/topics.py` next to the `python3` found on `PATH`.
 pub fn default_document() -> Result<PathBuf> {
-    if let Some(p) = DEFAULT_DOCUMENTS.iter().map(Path::new).find(|p| p.is_file()) {
+    if let Some(p) = DEFAULT_DOCUMENTS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+    {
         return Ok(p.to_path_buf());
     }
     let out = std::process::Command::new("python3")

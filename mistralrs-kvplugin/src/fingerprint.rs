@@ -88,7 +88,10 @@ impl ModelFingerprint {
         field("k_head_dim", &(model.k_head_dim as u64).to_le_bytes());
         field("v_head_dim", &(model.v_head_dim as u64).to_le_bytes());
         field("dtype", model.dtype.as_str().as_bytes());
-        field("tokenizer", blake3::hash(tokenizer_json.as_bytes()).as_bytes());
+        field(
+            "tokenizer",
+            blake3::hash(tokenizer_json.as_bytes()).as_bytes(),
+        );
         for path in &model.weight_files {
             field("weights", hash_file(path)?.as_bytes());
         }

@@ -79,7 +79,10 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<(
         .map_err(|e| bad(gguf, e.to_string()))?
         .clone();
     if arch != "llama" {
-        return Err(bad(gguf, format!("architecture `{arch}`; only llama converts")));
+        return Err(bad(
+            gguf,
+            format!("architecture `{arch}`; only llama converts"),
+        ));
     }
     let n_layers = get_u32("llama.block_count")? as usize;
     let n_heads = get_u32("llama.attention.head_count")? as usize;
@@ -97,7 +100,8 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<(
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| bad(gguf, format!("tensor `{name}`: {e}")))?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        let hf_name = hf_tensor_name(name).ok_or_else(|| bad(gguf, format!("unknown tensor `{name}`")))?;
+        let hf_name =
+            hf_tensor_name(name).ok_or_else(|| bad(gguf, format!("unknown tensor `{name}`")))?;
         if name.ends_with("attn_q.weight") {
             t = unpermute_rows(&t, n_heads)?;
         } else if name.ends_with("attn_k.weight") {
@@ -142,14 +146,20 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<(
     fs::create_dir_all(parent)?;
     let tmp = parent.join(format!(
         ".{}.tmp",
-        out_dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")
+        out_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
     ));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
     candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
-    fs::write(tmp.join("config.json"), serde_json::to_vec_pretty(&config).expect("json"))?;
+    fs::write(
+        tmp.join("config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )?;
     fs::write(
         tmp.join("tokenizer_config.json"),
         serde_json::to_vec_pretty(&tokenizer_config).expect("json"),

@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The model: `gguf` (the shipped Q4_1 GGUF) or `hf` (its F32 Hugging Face conversion).
+    #[arg(long, default_value = "hf")]
+    model: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,7 +60,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
-    let gguf = model::smollm2_gguf(&model::models_dir());
+    let source = match args.model.as_str() {
+        "gguf" => ModelSource::Gguf(model::smollm2_gguf(&model::models_dir())),
+        "hf" => ModelSource::HfDir(model::smollm2_hf(&model::models_dir())),
+        other => anyhow::bail!("--model must be gguf or hf, not `{other}`"),
+    };
     let text_path = match args.text {
         Some(p) => p,
         None => corpus::default_document()?,
@@ -65,7 +72,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let text = corpus::read_text(&text_path)?;
 
     println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
-    let stock = LocalEngine::start(EngineOptions::new(ModelSource::Gguf(gguf.clone()))).await?;
+    let stock = LocalEngine::start(EngineOptions::new(source.clone())).await?;
     let document = truncate_to_tokens(&stock, &text, args.tokens)?;
     let system = format!("Answer questions about this document.\n\n{document}");
     let prompt_1 = stock.encode(&chat_prompt(&system, QUESTION_1))?;
@@ -84,24 +91,32 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     println!("== plugin engine 1: question 1 from cold, cache saved to the store");
     let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
     let engine_1 = LocalEngine::start(
-        EngineOptions::new(ModelSource::Gguf(gguf.clone())).with_kv_hook(hook_1.clone()),
+        EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone()),
     )
     .await?;
     let cold = engine_1.complete(&prompt_1, args.max_new_tokens).await?;
     wait_for_saves(&hook_1, 1).await?;
-    println!("   TTFT {:.2} s: {}", cold.ttft.as_secs_f64(), cold.text.trim());
+    println!(
+        "   TTFT {:.2} s: {}",
+        cold.ttft.as_secs_f64(),
+        cold.text.trim()
+    );
     drop(engine_1);
 
     println!("== plugin engine 2 (fresh, shares only the store): question 2");
     let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
     let engine_2 = LocalEngine::start(
-        EngineOptions::new(ModelSource::Gguf(gguf)).with_kv_hook(hook_2.clone()),
+        EngineOptions::new(source).with_kv_hook(hook_2.clone()),
     )
     .await?;
     let hit = engine_2.complete(&prompt_2, args.max_new_tokens).await?;
-    let finished = wait_for_finished(&hook_2, 1).await?;
+    let finished = wait_for_finished(&hook_2, prompt_2.len()).await?;
     let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
-    println!("   TTFT {:.2} s: {}", hit.ttft.as_secs_f64(), hit.text.trim());
+    println!(
+        "   TTFT {:.2} s: {}",
+        hit.ttft.as_secs_f64(),
+        hit.text.trim()
+    );
     println!("   stock answer: {}", stock_2.text.trim());
 
     let kv_values_per_token = 2 * 30 * 3 * 64; // SmolLM2-135M: K and V, 30 layers, 3 heads x 64
@@ -126,7 +141,10 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
 fn truncate_to_tokens(engine: &LocalEngine, text: &str, n_tokens: usize) -> anyhow::Result<String> {
     let ids = engine.encode(text)?;
     if ids.len() < n_tokens {
-        anyhow::bail!("the document has {} tokens, fewer than {n_tokens}", ids.len());
+        anyhow::bail!(
+            "the document has {} tokens, fewer than {n_tokens}",
+            ids.len()
+        );
     }
     engine
         .tokenizer()
@@ -145,13 +163,15 @@ async fn wait_for_saves(hook: &KvPluginHook, n: u64) -> anyhow::Result<()> {
     anyhow::bail!("the cache was not saved within 30 s")
 }
 
+/// Waits until the engine reports the finished sequence of a `prompt_tokens`-token prompt (the
+/// engine's own start-up warm-up request finishes too, with a one-token prompt).
 async fn wait_for_finished(
     hook: &KvPluginHook,
-    n: u64,
+    prompt_tokens: usize,
 ) -> anyhow::Result<crate::metrics::MetricsSnapshot> {
     for _ in 0..600 {
         let m = hook.metrics().snapshot();
-        if m.finished_sequences >= n {
+        if m.last_prompt_tokens == prompt_tokens as u64 {
             return Ok(m);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
