@@ -90,10 +90,8 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let store = Arc::new(MemoryPrefixStore::new(4 << 30));
     println!("== plugin engine 1: question 1 from cold, cache saved to the store");
     let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
-    let engine_1 = LocalEngine::start(
-        EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone()),
-    )
-    .await?;
+    let engine_1 =
+        LocalEngine::start(EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone())).await?;
     let cold = engine_1.complete(&prompt_1, args.max_new_tokens).await?;
     wait_for_saves(&hook_1, 1).await?;
     println!(
@@ -105,10 +103,8 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("== plugin engine 2 (fresh, shares only the store): question 2");
     let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
-    let engine_2 = LocalEngine::start(
-        EngineOptions::new(source).with_kv_hook(hook_2.clone()),
-    )
-    .await?;
+    let engine_2 =
+        LocalEngine::start(EngineOptions::new(source).with_kv_hook(hook_2.clone())).await?;
     let hit = engine_2.complete(&prompt_2, args.max_new_tokens).await?;
     let finished = wait_for_finished(&hook_2, prompt_2.len()).await?;
     let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
