@@ -16,4 +16,4 @@ lint: setup
 	cargo clippy --workspace --all-targets --profile release --locked -- -D warnings
 
 test: setup lint
-	cargo test --workspace --profile release --locked
+	bash scripts/test-summary.sh cargo test --workspace --profile release --locked
