@@ -12,10 +12,13 @@
 //! - [`engine`] runs the patched engine on a local model (tests, the demo and benchmarks);
 //! - [`model`] finds the model files and converts the shipped GGUF into a Hugging Face folder.
 
+pub mod bench;
 pub mod cli;
+pub mod codec;
 pub mod corpus;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod fingerprint;
 pub mod hook;
 pub mod metrics;

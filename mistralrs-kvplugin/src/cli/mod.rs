@@ -34,6 +34,15 @@ enum Command {
     /// The main job: engine 1 answers a question about a long document from cold and stores the
     /// cache; a fresh engine 2 answers another question on the same document with a store hit.
     Demo(demo::DemoArgs),
+    /// Benchmarks on the real model.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The codec's levels against zstd, 8-bit, KIVI 2-bit and LMCache's CacheGen on real KV.
+    Codec(crate::bench::codec::CodecBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -43,6 +52,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Convert { gguf, out, dtype } => convert(gguf, out, &dtype),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
