@@ -14,6 +14,7 @@ cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 # crate name, version, sha256 of the published .crate
 crates=(
   "mistralrs-core 0.8.1 a2b8b9e5c94491d9ceeded3a30291cb6af6ae74810a5776dd55e3bbb8b3429d4"
+  "mistralrs 0.8.1 9bb0a83340b4492ebba9760ba6845364de369c7e10c1f91af8733d574c7405fa"
 )
 
 find_crate_file() {

@@ -319,12 +319,14 @@ fn refresh_checksum(mut bytes: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn lossless_is_smaller_than_zstd_on_the_raw_bytes() {
-    let chunk = synthetic_chunk(shape(4, 3, 64, 256), KvDType::F16, 11);
-    let ours = codec::encode(&chunk, Level::Lossless, &MODEL)
-        .unwrap()
-        .len();
-    let zstd = zstd::bulk::compress(chunk.as_bytes(), 3).unwrap().len();
-    assert!(ours < zstd, "lossless {ours} bytes, zstd {zstd}");
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
+        let chunk = synthetic_chunk(shape(4, 3, 64, 256), dtype, 11);
+        let ours = codec::encode(&chunk, Level::Lossless, &MODEL)
+            .unwrap()
+            .len();
+        let zstd = zstd::bulk::compress(chunk.as_bytes(), 3).unwrap().len();
+        assert!(ours < zstd, "{dtype:?}: lossless {ours} bytes, zstd {zstd}");
+    }
 }
 
 #[test]

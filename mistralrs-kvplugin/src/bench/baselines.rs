@@ -1,4 +1,6 @@
 //! The schemes the codec is measured against (benchmark only; not part of the chunk format):
+//! - `zstd-raw`: the engine's bytes as they are (here F32), compressed with zstd level 3: the
+//!   lossless baseline;
 //! - `zstd-16bit`: the KV cast to f16 and compressed with zstd (what "just compress it" gives);
 //! - `uniform-8bit`: asymmetric 8-bit quantisation per (head, token), f16 min and scale;
 //! - `kivi-2bit`: KIVI's asymmetric 2-bit quantisation, keys per channel over the chunk's tokens,
@@ -26,6 +28,22 @@ pub trait Scheme: Sync {
     fn encode(&self, chunk: &KvChunk, start: usize) -> Vec<u8>;
     /// Decompresses (the shape is known to the caller, as it would be from a store's metadata).
     fn decode(&self, bytes: &[u8], shape: ChunkShape) -> KvChunk;
+}
+
+/// `zstd-raw`.
+pub struct ZstdRaw;
+
+impl Scheme for ZstdRaw {
+    fn name(&self) -> String {
+        "zstd-raw".into()
+    }
+    fn encode(&self, chunk: &KvChunk, _start: usize) -> Vec<u8> {
+        zstd::bulk::compress(chunk.as_bytes(), 3).expect("in-memory zstd")
+    }
+    fn decode(&self, bytes: &[u8], shape: ChunkShape) -> KvChunk {
+        let raw = zstd::bulk::decompress(bytes, shape.n_values() * 4).expect("own output");
+        KvChunk::from_bytes(shape, KvDType::F32, raw).expect("shape")
+    }
 }
 
 /// `zstd-16bit`.

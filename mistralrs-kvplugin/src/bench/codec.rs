@@ -169,6 +169,7 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         )?);
     }
     let schemes: Vec<Box<dyn Scheme>> = vec![
+        Box::new(baselines::ZstdRaw),
         Box::new(baselines::Zstd16),
         Box::new(baselines::uniform_8bit()),
         Box::new(baselines::kivi_2bit()),

@@ -174,15 +174,25 @@ pub(crate) fn read_f32(dtype: KvDType, bytes: &[u8]) -> Vec<f32> {
 
 /// Appends `values` as little-endian elements of `dtype`.
 pub(crate) fn write_f32(dtype: KvDType, values: &[f32], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + values.len() * dtype.size(), 0);
+    write_f32_into(dtype, values, &mut out[start..]);
+}
+
+/// Writes `values` as little-endian elements of `dtype` into `out` (exactly that long).
+pub(crate) fn write_f32_into(dtype: KvDType, values: &[f32], out: &mut [u8]) {
     match dtype {
-        KvDType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        KvDType::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        KvDType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        KvDType::F32 => out
+            .chunks_exact_mut(4)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+        KvDType::F16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        KvDType::BF16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes())),
     }
 }

@@ -369,13 +369,14 @@ pub fn decode(bytes: &[u8], model: &[u8; 32]) -> Result<KvChunk, CodecError> {
                     };
                     let mut values = vec![0f32; dims.heads * quantised * dims.channels];
                     quant::decode(&mut r, rest, &mut values)?;
-                    let mut bytes = Vec::with_capacity(values.len() * elem);
-                    chunk::write_f32(header.dtype, &values, &mut bytes);
+                    let per_head = quantised * dims.channels;
                     for h in 0..dims.heads {
                         let dst = (h * dims.tokens + exact) * row;
-                        let src = h * quantised * row;
-                        out[dst..dst + quantised * row]
-                            .copy_from_slice(&bytes[src..src + quantised * row]);
+                        chunk::write_f32_into(
+                            header.dtype,
+                            &values[h * per_head..(h + 1) * per_head],
+                            &mut out[dst..dst + quantised * row],
+                        );
                     }
                 }
             }

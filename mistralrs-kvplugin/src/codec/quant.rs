@@ -74,16 +74,37 @@ impl Dims {
         }
     }
 
-    /// Index into `[heads, tokens, channels]` of element `i` of group `g`.
-    #[inline]
-    fn index(&self, grouping: Grouping, g: usize, i: usize) -> usize {
+    /// Copies group `g` of `x` (`[heads, tokens, channels]`) into `out`.
+    fn gather(&self, grouping: Grouping, g: usize, x: &[f32], out: &mut [f32]) {
         match grouping {
             Grouping::PerChannel => {
                 let (h, c) = (g / self.channels, g % self.channels);
-                (h * self.tokens + i) * self.channels + c
+                let base = h * self.tokens * self.channels + c;
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = x[base + t * self.channels];
+                }
             }
-            Grouping::PerToken => g * self.channels + i,
-            Grouping::PerHead => g * self.tokens * self.channels + i,
+            Grouping::PerToken | Grouping::PerHead => {
+                let len = out.len();
+                out.copy_from_slice(&x[g * len..(g + 1) * len]);
+            }
+        }
+    }
+
+    /// Writes `values` as group `g` of `out` (`[heads, tokens, channels]`).
+    fn scatter(&self, grouping: Grouping, g: usize, values: &[f32], out: &mut [f32]) {
+        match grouping {
+            Grouping::PerChannel => {
+                let (h, c) = (g / self.channels, g % self.channels);
+                let base = h * self.tokens * self.channels + c;
+                for (t, &v) in values.iter().enumerate() {
+                    out[base + t * self.channels] = v;
+                }
+            }
+            Grouping::PerToken | Grouping::PerHead => {
+                let len = values.len();
+                out[g * len..(g + 1) * len].copy_from_slice(values);
+            }
         }
     }
 }
@@ -95,23 +116,24 @@ pub fn encode(x: &[f32], dims: Dims, grouping: Grouping, step: f32, out: &mut Ve
     let mut mus = Vec::with_capacity(n_groups);
     let mut scales = Vec::with_capacity(n_groups);
     let mut q = vec![0i32; x.len()];
+    let mut group = vec![0f32; group_len];
     for g in 0..n_groups {
-        let at = |i| x[dims.index(grouping, g, i)];
-        let mean = (0..group_len).map(|i| at(i) as f64).sum::<f64>() / group_len as f64;
+        dims.gather(grouping, g, x, &mut group);
+        let mean = group.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
         let mu = f16::from_f64(mean);
         let mu32 = mu.to_f32();
-        let ms = (0..group_len)
-            .map(|i| {
-                let d = (at(i) - mu32) as f64;
+        let ms = group
+            .iter()
+            .map(|&v| {
+                let d = (v - mu32) as f64;
                 d * d
             })
             .sum::<f64>()
             / group_len as f64;
         let s = round_up_f16(ms.sqrt() as f32);
         let inv = 1.0 / (s.to_f32() * step);
-        for i in 0..group_len {
-            let v = ((at(i) - mu32) * inv).round() as i32;
-            q[g * group_len + i] = v.clamp(-MAX_Q, MAX_Q);
+        for (q, &v) in q[g * group_len..(g + 1) * group_len].iter_mut().zip(&group) {
+            *q = (((v - mu32) * inv).round() as i32).clamp(-MAX_Q, MAX_Q);
         }
         mus.push(mu);
         scales.push(s);
@@ -184,6 +206,7 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), Cod
     let mut symbols = vec![0u16; dims.len()];
     rans::decode(r, &table, &mut symbols)?;
     let delta = flags & FLAG_DELTA != 0;
+    let mut values = vec![0f32; group_len];
     for (g, group) in symbols
         .chunks_exact(group_len.max(1))
         .enumerate()
@@ -191,17 +214,18 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), Cod
     {
         let scale = scales[g] * step;
         let mu = mus[g];
-        let mut acc = 0i32;
-        for (i, &s) in group.iter().enumerate() {
-            let v = s as i32 - offset;
-            let qv = if delta {
-                acc += v;
-                acc
-            } else {
-                v
-            };
-            out[dims.index(grouping, g, i)] = mu + scale * qv as f32;
+        if delta {
+            let mut acc = 0i32;
+            for (v, &s) in values.iter_mut().zip(group) {
+                acc += s as i32 - offset;
+                *v = mu + scale * acc as f32;
+            }
+        } else {
+            for (v, &s) in values.iter_mut().zip(group) {
+                *v = mu + scale * (s as i32 - offset) as f32;
+            }
         }
+        dims.scatter(grouping, g, &values, out);
     }
     Ok(())
 }

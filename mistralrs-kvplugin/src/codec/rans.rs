@@ -31,6 +31,8 @@ pub const MAX_SYMBOLS: usize = PROB_SCALE as usize;
 pub struct FreqTable {
     freqs: Vec<u32>,
     cums: Vec<u32>,
+    /// `ceil(2^32 / freq)` (0 for absent symbols), for division-free encoding.
+    recips: Vec<u64>,
 }
 
 impl FreqTable {
@@ -79,7 +81,21 @@ impl FreqTable {
             acc += f;
         }
         cums.push(acc);
-        Self { freqs, cums }
+        let recips = freqs
+            .iter()
+            .map(|&f| {
+                if f == 0 {
+                    0
+                } else {
+                    (1u64 << 32).div_ceil(f as u64)
+                }
+            })
+            .collect();
+        Self {
+            freqs,
+            cums,
+            recips,
+        }
     }
 
     /// Number of symbols in the alphabet.
@@ -138,7 +154,12 @@ pub fn encode(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
             words.push(*x as u16);
             *x >>= 16;
         }
-        *x = ((*x / f) << PROB_BITS) + (*x % f) + table.cums[s as usize];
+        // x / f by multiplication with a rounded-up reciprocal, corrected by at most one.
+        let mut q = ((*x as u64 * table.recips[s as usize]) >> 32) as u32;
+        if q * f > *x {
+            q -= 1;
+        }
+        *x = (q << PROB_BITS) + (*x - q * f) + table.cums[s as usize];
     }
     let n_words = LANES * 2 + words.len();
     out.extend_from_slice(&((n_words * 2) as u32).to_le_bytes());
@@ -152,57 +173,77 @@ pub fn encode(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
 }
 
 /// Decodes `out.len()` symbols from a stream written by [`encode`] with the same table.
+///
+/// The hot loop is branch-light: one table load per symbol gives the symbol, its frequency and
+/// its slot bias, and renormalisation always reads the next word (from a zero-padded copy) and
+/// advances by 0 or 1. Whether the stream was long enough is checked once, at the end.
 pub fn decode(r: &mut Reader<'_>, table: &FreqTable, out: &mut [u16]) -> Result<(), CodecError> {
     let n_bytes = r.u32()? as usize;
     let stream = r.bytes(n_bytes)?;
     if n_bytes % 2 != 0 || n_bytes < LANES * 4 {
         return Err(CodecError::corrupt("rANS stream too short"));
     }
-    let words: Vec<u16> = stream
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let n_words = n_bytes / 2;
+    // Padding: a renormalisation step reads a word even when it does not consume it.
+    let mut words: Vec<u32> = Vec::with_capacity(n_words + LANES);
+    words.extend(
+        stream
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32),
+    );
+    words.resize(n_words + LANES, 0);
     let mut states = [0u32; LANES];
     for (lane, x) in states.iter_mut().enumerate() {
-        *x = (words[2 * lane] as u32) << 16 | words[2 * lane + 1] as u32;
+        *x = words[2 * lane] << 16 | words[2 * lane + 1];
         if *x < RANS_L {
             return Err(CodecError::corrupt("rANS state out of range"));
         }
     }
-    // slot -> symbol lookup; every slot belongs to exactly one symbol.
-    let mut slot_symbol = vec![0u16; PROB_SCALE as usize];
+    // slot -> (symbol, frequency, slot - cumulative frequency), packed in a u64.
+    let mut slots = vec![0u64; PROB_SCALE as usize];
     for (s, (&c, &f)) in table.cums.iter().zip(&table.freqs).enumerate() {
-        slot_symbol[c as usize..(c + f) as usize].fill(s as u16);
-    }
-    let freqs = &table.freqs;
-    let cums = &table.cums;
-    let mut pos = LANES * 2;
-    let mask = PROB_SCALE - 1;
-    let step = |x: &mut u32, pos: &mut usize| -> Result<u16, CodecError> {
-        let slot = *x & mask;
-        let s = slot_symbol[slot as usize];
-        *x = freqs[s as usize] * (*x >> PROB_BITS) + slot - cums[s as usize];
-        if *x < RANS_L {
-            let w = *words
-                .get(*pos)
-                .ok_or_else(|| CodecError::corrupt("rANS stream ends early"))?;
-            *x = (*x << 16) | w as u32;
-            *pos += 1;
+        for slot in c..c + f {
+            slots[slot as usize] = (s as u64) << 32 | (f as u64) << 16 | (slot - c) as u64;
         }
-        Ok(s)
-    };
+    }
+    let slots: &[u64; PROB_SCALE as usize] = slots.as_slice().try_into().expect("table size");
+    let mask = PROB_SCALE - 1;
+    let mut pos = LANES * 2;
+    let last_valid = words.len() - 1;
+    #[inline(always)]
+    fn step(
+        x: &mut u32,
+        pos: &mut usize,
+        slots: &[u64; PROB_SCALE as usize],
+        words: &[u32],
+        mask: u32,
+        last_valid: usize,
+    ) -> u16 {
+        let e = slots[(*x & mask) as usize];
+        let freq = (e >> 16) as u32 & 0xffff;
+        let bias = e as u32 & 0xffff;
+        *x = freq * (*x >> PROB_BITS) + bias;
+        let need = (*x < RANS_L) as usize;
+        let w = words[(*pos).min(last_valid)];
+        *x = if need == 1 { (*x << 16) | w } else { *x };
+        *pos += need;
+        (e >> 32) as u16
+    }
     let mut quads = out.chunks_exact_mut(LANES);
     for quad in &mut quads {
         let [x0, x1, x2, x3] = &mut states;
-        quad[0] = step(x0, &mut pos)?;
-        quad[1] = step(x1, &mut pos)?;
-        quad[2] = step(x2, &mut pos)?;
-        quad[3] = step(x3, &mut pos)?;
+        quad[0] = step(x0, &mut pos, slots, &words, mask, last_valid);
+        quad[1] = step(x1, &mut pos, slots, &words, mask, last_valid);
+        quad[2] = step(x2, &mut pos, slots, &words, mask, last_valid);
+        quad[3] = step(x3, &mut pos, slots, &words, mask, last_valid);
+        if pos > n_words {
+            return Err(CodecError::corrupt("rANS stream ends early"));
+        }
     }
     for (lane, s) in quads.into_remainder().iter_mut().enumerate() {
-        *s = step(&mut states[lane], &mut pos)?;
+        *s = step(&mut states[lane], &mut pos, slots, &words, mask, last_valid);
     }
-    if pos != words.len() || states.iter().any(|&x| x != RANS_L) {
+    if pos != n_words || states.iter().any(|&x| x != RANS_L) {
         return Err(CodecError::corrupt(
             "rANS stream does not end where it should",
         ));

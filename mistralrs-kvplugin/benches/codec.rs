@@ -1,0 +1,102 @@
+//! Criterion benchmarks of the codec on one thread: encode and decode of a 256-token chunk with
+//! SmolLM2-135M's shape (30 layers, 3 KV heads of 64) at every level, and the raw rANS coder.
+//! Throughput is reported in bytes of 16-bit KV (2 bytes a value), the unit of the codec targets.
+//! The data is synthetic but KV-like (per-channel offsets and outlier channels, smooth along
+//! tokens); `kvplugin bench codec` measures the same on the real model's cache.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mistralrs_kvplugin::codec::{
+    self,
+    rans::{self, FreqTable},
+    reader::Reader,
+    ChunkShape, KvChunk, KvDType, Level,
+};
+
+fn kv_like_chunk() -> KvChunk {
+    let shape = ChunkShape {
+        n_layers: 30,
+        n_kv_heads: 3,
+        head_dim: 64,
+        n_tokens: 256,
+    };
+    let mut state = 0x2545f4914f6cdd1du64;
+    let mut noise = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let tensors: Vec<Vec<f32>> = (0..shape.n_tensors())
+        .map(|_| {
+            let mut t = Vec::with_capacity(shape.tensor_len());
+            for _h in 0..shape.n_kv_heads {
+                for tok in 0..shape.n_tokens {
+                    for c in 0..shape.head_dim {
+                        let scale = if c % 17 == 3 { 8.0 } else { 1.0 };
+                        t.push(scale * ((tok as f32 * 0.03 + c as f32).sin() + noise()));
+                    }
+                }
+            }
+            t
+        })
+        .collect();
+    KvChunk::from_f32_tensors(shape, KvDType::F32, &tensors).unwrap()
+}
+
+fn codec_levels(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let chunk = kv_like_chunk();
+    let model = [0u8; 32];
+    let mut group = c.benchmark_group("codec-1-thread");
+    group.throughput(Throughput::Bytes(chunk.shape().n_values() as u64 * 2));
+    group.sample_size(10);
+    for level in Level::ALL {
+        let encoded = codec::encode(&chunk, level, &model).unwrap();
+        group.bench_function(BenchmarkId::new("encode", level.name()), |b| {
+            b.iter(|| pool.install(|| codec::encode(&chunk, level, &model).unwrap()))
+        });
+        group.bench_function(BenchmarkId::new("decode", level.name()), |b| {
+            b.iter(|| pool.install(|| codec::decode(&encoded, &model).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+fn rans_coder(c: &mut Criterion) {
+    // A peaked distribution over 15 symbols, like quantised KV.
+    let n = 1 << 20;
+    let mut state = 12345u64;
+    let symbols: Vec<u16> = (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let u = (state >> 33) as f64 / (1u64 << 31) as f64;
+            (7.0 + (u - 0.5) * (u - 0.5).abs() * 28.0).round() as u16
+        })
+        .collect();
+    let mut counts = vec![0u32; 15];
+    symbols.iter().for_each(|&s| counts[s as usize] += 1);
+    let table = FreqTable::from_counts(&counts).unwrap();
+    let mut stream = Vec::new();
+    rans::encode(&symbols, &table, &mut stream);
+    let mut group = c.benchmark_group("rans");
+    group.throughput(Throughput::Elements(n as u64));
+    group.sample_size(10);
+    group.bench_function("encode", |b| {
+        b.iter(|| {
+            let mut out = Vec::with_capacity(stream.len());
+            rans::encode(&symbols, &table, &mut out);
+            out
+        })
+    });
+    group.bench_function("decode", |b| {
+        let mut out = vec![0u16; n];
+        b.iter(|| rans::decode(&mut Reader::new(&stream), &table, &mut out).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec_levels, rans_coder);
+criterion_main!(benches);
