@@ -8,7 +8,8 @@
 //! `patches/`) that exposes [`mistralrs_core::KvHook`]. This crate implements that hook:
 //! - [`hook::KvPluginHook`] adapts the engine's tensor-level calls to a [`store::PrefixStore`],
 //!   keyed by a [`fingerprint::ModelFingerprint`] so that caches never cross models or dtypes;
-//! - [`store`] holds the stores ([`store::MemoryPrefixStore`] today);
+//! - [`store`] holds the stores: [`store::MemoryPrefixStore`] and [`store::ObjectPrefixStore`]
+//!   (chunked, compressed, over any `object_store` backend: memory, local disk, S3);
 //! - [`engine`] runs the patched engine on a local model (tests, the demo and benchmarks);
 //! - [`model`] finds the model files and converts the shipped GGUF into a Hugging Face folder.
 
@@ -29,4 +30,4 @@ pub use error::{Error, Result};
 pub use fingerprint::ModelFingerprint;
 pub use hook::{HookConfig, KvPluginHook};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use store::{MemoryPrefixStore, PrefixStore};
+pub use store::{MemoryPrefixStore, ObjectPrefixStore, ObjectStoreConfig, PrefixStore};

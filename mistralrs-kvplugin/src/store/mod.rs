@@ -9,8 +9,10 @@
 //!   one prompt token for the engine to prefill (the engine needs logits for the last token).
 
 mod memory;
+mod object;
 
 pub use memory::MemoryPrefixStore;
+pub use object::{ObjectPrefixStore, ObjectStoreConfig, ObjectStoreCounters};
 
 use async_trait::async_trait;
 use mistralrs_core::KvPrefix;
@@ -27,15 +29,45 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A setting is invalid.
+    #[error("invalid store setting `{field}`: {reason}")]
+    Config {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The backend failed (server down, wrong credentials, disk full, timeout).
+    #[error("store backend: {reason}")]
+    Backend {
+        /// The backend's message.
+        reason: String,
+    },
+    /// An object is not what the store wrote.
+    #[error("corrupt object: {reason}")]
+    Corrupt {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A chunk failed to decode.
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
 }
 
 impl StoreError {
-    /// Whether trying the same operation again may succeed.
+    pub(crate) fn backend(e: impl std::fmt::Display) -> Self {
+        Self::Backend {
+            reason: e.to_string(),
+        }
+    }
+
+    /// Whether trying the same operation again may succeed (a backend failure may be passing;
+    /// bad data and bad settings are not).
     pub fn is_temporary(&self) -> bool {
-        false
+        matches!(self, Self::Backend { .. })
     }
 }
 

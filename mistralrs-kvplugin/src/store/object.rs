@@ -1,0 +1,482 @@
+//! Prefix caches in any [`object_store`] backend (memory, local disk, S3-compatible), cut into
+//! chunks of a fixed number of tokens and compressed with the [`crate::codec`].
+//!
+//! Layout under `{namespace}/v1/{model fingerprint}/`:
+//! - `chunk-{hash}.{level}`: one full chunk. `hash` chains BLAKE3 over the chunk size, the parent
+//!   chunk's hash and this chunk's token ids, so a key names a whole prefix, is stable across
+//!   processes and machines, and never depends on Rust's `DefaultHasher`.
+//! - `tail-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
+//!   after that parent (the last writer wins). A later prompt that shares only part of the tail
+//!   still uses that part, so a hit covers the prompt up to where it diverges, not only whole chunks.
+//!
+//! Every object is an envelope (magic, version, the token ids it covers) around one codec chunk;
+//! the loader checks the token ids against the prompt before using anything.
+//!
+//! Invariants: chunk writes are idempotent (`PutMode::Create`; an existing chunk is left alone)
+//! and atomic (the backends write whole objects: a temporary file renamed into place on disk, a
+//! single PUT on S3). A missing object is a miss; any other failure is an error, which the hook
+//! turns into a recompute.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use async_trait::async_trait;
+use candle_core::{DType, Device, Tensor};
+use futures::{stream, StreamExt, TryStreamExt};
+use mistralrs_core::{KvPrefix, LayerKv};
+use object_store::{path::Path, ObjectStore, PutMode, PutOptions, PutPayload};
+
+use super::{common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError};
+use crate::{
+    codec::{self, ChunkShape, EncodeOptions, KvChunk, KvDType, Level},
+    fingerprint::ModelFingerprint,
+};
+
+const ENVELOPE_MAGIC: [u8; 4] = *b"KVOB";
+const ENVELOPE_VERSION: u16 = 1;
+
+/// Settings of an [`ObjectPrefixStore`].
+#[derive(Debug, Clone)]
+pub struct ObjectStoreConfig {
+    /// Path prefix of every object (lets several deployments share a bucket).
+    pub namespace: String,
+    /// Tokens per chunk.
+    pub chunk_tokens: usize,
+    /// Codec level written.
+    pub level: Level,
+    /// Chunks fetched at once.
+    pub fetch_concurrency: usize,
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "kvplugin".into(),
+            chunk_tokens: 256,
+            level: Level::Default,
+            fetch_concurrency: 8,
+        }
+    }
+}
+
+/// Bytes moved by an [`ObjectPrefixStore`].
+#[derive(Debug, Default)]
+pub struct ObjectStoreCounters {
+    /// Object bytes written.
+    pub bytes_written: AtomicU64,
+    /// Object bytes read.
+    pub bytes_read: AtomicU64,
+    /// Bytes the written chunks would take as 16-bit KV.
+    pub raw_16bit_bytes_written: AtomicU64,
+}
+
+/// A [`PrefixStore`] over an [`ObjectStore`].
+pub struct ObjectPrefixStore {
+    store: Arc<dyn ObjectStore>,
+    config: ObjectStoreConfig,
+    counters: ObjectStoreCounters,
+}
+
+impl ObjectPrefixStore {
+    /// A store writing under `config.namespace` in `store`.
+    pub fn new(store: Arc<dyn ObjectStore>, config: ObjectStoreConfig) -> Result<Self, StoreError> {
+        if config.chunk_tokens == 0 || config.chunk_tokens > codec::format::MAX_TOKENS {
+            return Err(StoreError::Config {
+                field: "chunk_tokens",
+                reason: format!("must be 1..={}", codec::format::MAX_TOKENS),
+            });
+        }
+        if config.fetch_concurrency == 0 {
+            return Err(StoreError::Config {
+                field: "fetch_concurrency",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            store,
+            config,
+            counters: ObjectStoreCounters::default(),
+        })
+    }
+
+    /// Bytes moved so far.
+    pub fn counters(&self) -> &ObjectStoreCounters {
+        &self.counters
+    }
+
+    fn root(&self, model: &ModelFingerprint) -> String {
+        format!("{}/v1/{}", self.config.namespace, model.to_hex())
+    }
+
+    fn chunk_path(&self, model: &ModelFingerprint, hash: &blake3::Hash) -> Path {
+        Path::from(format!(
+            "{}/chunk-{}.{}",
+            self.root(model),
+            hash.to_hex(),
+            self.config.level.name()
+        ))
+    }
+
+    fn tail_path(&self, model: &ModelFingerprint, parent: &blake3::Hash) -> Path {
+        Path::from(format!(
+            "{}/tail-{}.{}",
+            self.root(model),
+            parent.to_hex(),
+            self.config.level.name()
+        ))
+    }
+
+    /// Hash of the empty prefix, then of each full chunk of `tokens`.
+    fn chain(
+        &self,
+        model: &ModelFingerprint,
+        tokens: &[u32],
+        n_chunks: usize,
+    ) -> Vec<blake3::Hash> {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mistralrs-kvplugin/chunk-chain/v1");
+        h.update(model.as_bytes());
+        h.update(&(self.config.chunk_tokens as u64).to_le_bytes());
+        let mut hashes = vec![h.finalize()];
+        for chunk in tokens.chunks_exact(self.config.chunk_tokens).take(n_chunks) {
+            let mut h = blake3::Hasher::new();
+            h.update(hashes.last().expect("root").as_bytes());
+            for t in chunk {
+                h.update(&t.to_le_bytes());
+            }
+            hashes.push(h.finalize());
+        }
+        hashes
+    }
+
+    async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
+        match self.store.get(path).await {
+            Ok(result) => {
+                let bytes = result.bytes().await.map_err(StoreError::backend)?;
+                self.counters
+                    .bytes_read
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(Some(bytes))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::backend(e)),
+        }
+    }
+
+    async fn put(&self, path: &Path, bytes: Vec<u8>, create: bool) -> Result<bool, StoreError> {
+        let len = bytes.len() as u64;
+        let opts = PutOptions {
+            mode: if create {
+                PutMode::Create
+            } else {
+                PutMode::Overwrite
+            },
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => {
+                self.counters
+                    .bytes_written
+                    .fetch_add(len, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(StoreError::backend(e)),
+        }
+    }
+
+    async fn exists(&self, path: &Path) -> Result<bool, StoreError> {
+        match self.store.head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StoreError::backend(e)),
+        }
+    }
+
+    /// Encodes tokens `start..start + len` of `prefix` into an object (on the blocking pool).
+    async fn encode_object(
+        &self,
+        prefix: Arc<KvPrefix>,
+        model: ModelFingerprint,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let level = self.config.level;
+        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StoreError> {
+            let chunk = chunk_of(&prefix, start, len)?;
+            let encoded = codec::encode_with(
+                &chunk,
+                &EncodeOptions::for_chunk(level, start),
+                model.as_bytes(),
+            )?;
+            Ok(envelope(&prefix.tokens[start..start + len], &encoded))
+        })
+        .await
+        .map_err(|e| StoreError::backend(format!("encode task: {e}")))?
+    }
+}
+
+#[async_trait]
+impl PrefixStore for ObjectPrefixStore {
+    async fn save(
+        &self,
+        model: &ModelFingerprint,
+        prefix: KvPrefix,
+    ) -> Result<SaveOutcome, StoreError> {
+        validate_prefix(&prefix)?;
+        let c = self.config.chunk_tokens;
+        let n = prefix.tokens.len();
+        let n_full = n / c;
+        let hashes = self.chain(model, &prefix.tokens, n_full);
+        let prefix = Arc::new(prefix);
+        let values_per_token =
+            2 * prefix.layers.len() * prefix.layers[0].k.dims()[1] * prefix.layers[0].k.dims()[3];
+        let mut written = 0u64;
+        for i in 0..n_full {
+            let path = self.chunk_path(model, &hashes[i + 1]);
+            if self.exists(&path).await? {
+                continue;
+            }
+            let object = self.encode_object(prefix.clone(), *model, i * c, c).await?;
+            let len = object.len() as u64;
+            if self.put(&path, object, true).await? {
+                written += len;
+                self.counters
+                    .raw_16bit_bytes_written
+                    .fetch_add((c * values_per_token * 2) as u64, Ordering::Relaxed);
+            }
+        }
+        let tail = n - n_full * c;
+        if tail > 0 {
+            let path = self.tail_path(model, &hashes[n_full]);
+            // Keep the longer tail: a shorter prefix must not replace a longer one's.
+            let keep_existing = match self.get(&path).await {
+                Ok(Some(bytes)) => parse_envelope(&bytes)
+                    .map(|(tokens, _)| {
+                        tokens.len() >= tail && tokens[..tail] == prefix.tokens[n_full * c..]
+                    })
+                    .unwrap_or(false),
+                _ => false,
+            };
+            if !keep_existing {
+                let object = self
+                    .encode_object(prefix.clone(), *model, n_full * c, tail)
+                    .await?;
+                let len = object.len() as u64;
+                self.put(&path, object, false).await?;
+                written += len;
+                self.counters
+                    .raw_16bit_bytes_written
+                    .fetch_add((tail * values_per_token * 2) as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(if written > 0 {
+            SaveOutcome::Written { bytes: written }
+        } else {
+            SaveOutcome::AlreadyPresent
+        })
+    }
+
+    async fn load(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+    ) -> Result<Option<KvPrefix>, StoreError> {
+        let c = self.config.chunk_tokens;
+        let usable = prompt.len().saturating_sub(1);
+        let max_full = usable / c;
+        let hashes = self.chain(model, prompt, max_full);
+        // Fetch the run of full chunks in order, a few at a time, up to the first miss.
+        let fetched: Vec<Option<bytes::Bytes>> = stream::iter(0..max_full)
+            .map(|i| {
+                let path = self.chunk_path(model, &hashes[i + 1]);
+                async move { self.get(&path).await }
+            })
+            .buffered(self.config.fetch_concurrency)
+            .take_while(|r| std::future::ready(!matches!(r, Ok(None))))
+            .try_collect()
+            .await?;
+        let n_full = fetched.len();
+        let mut parts: Vec<(bytes::Bytes, usize)> =
+            fetched.into_iter().flatten().map(|b| (b, c)).collect();
+        let mut covered = n_full * c;
+        if covered < usable {
+            if let Some(bytes) = self.get(&self.tail_path(model, &hashes[n_full])).await? {
+                let (tokens, _) = parse_envelope(&bytes)?;
+                let shared = common_prefix_len(&tokens, &prompt[covered..usable]);
+                if shared > 0 {
+                    parts.push((bytes, shared));
+                    covered += shared;
+                }
+            }
+        }
+        if covered <= min_tokens {
+            return Ok(None);
+        }
+        let model = *model;
+        let expected: Vec<Vec<u32>> = {
+            let mut at = 0;
+            parts
+                .iter()
+                .map(|(_, take)| {
+                    let t = prompt[at..at + take].to_vec();
+                    at += take;
+                    t
+                })
+                .collect()
+        };
+        let prompt_prefix = prompt[..covered].to_vec();
+        tokio::task::spawn_blocking(move || decode_parts(&parts, &expected, &model, prompt_prefix))
+            .await
+            .map_err(|e| StoreError::backend(format!("decode task: {e}")))?
+            .map(Some)
+    }
+}
+
+/// Decodes objects, checks their tokens, and joins them into one prefix.
+fn decode_parts(
+    parts: &[(bytes::Bytes, usize)],
+    expected: &[Vec<u32>],
+    model: &ModelFingerprint,
+    tokens: Vec<u32>,
+) -> Result<KvPrefix, StoreError> {
+    let mut per_layer: Vec<(Vec<Tensor>, Vec<Tensor>)> = Vec::new();
+    for ((bytes, take), want) in parts.iter().zip(expected) {
+        let (object_tokens, encoded) = parse_envelope(bytes)?;
+        if object_tokens.len() < *take || object_tokens[..*take] != want[..] {
+            return Err(StoreError::Corrupt {
+                reason: "object's tokens differ from the prompt's".into(),
+            });
+        }
+        let chunk = codec::decode(encoded, model.as_bytes())?;
+        if chunk.shape().n_tokens != object_tokens.len() {
+            return Err(StoreError::Corrupt {
+                reason: "object's token count differs from its chunk's".into(),
+            });
+        }
+        let layers = tensors_of(&chunk, *take)?;
+        if per_layer.is_empty() {
+            per_layer = vec![(Vec::new(), Vec::new()); layers.len()];
+        }
+        if per_layer.len() != layers.len() {
+            return Err(StoreError::Corrupt {
+                reason: "objects disagree on the number of layers".into(),
+            });
+        }
+        for ((ks, vs), (k, v)) in per_layer.iter_mut().zip(layers) {
+            ks.push(k);
+            vs.push(v);
+        }
+    }
+    let layers = per_layer
+        .into_iter()
+        .map(|(ks, vs)| {
+            Ok(LayerKv {
+                k: Tensor::cat(&ks, 2)?,
+                v: Tensor::cat(&vs, 2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+    Ok(KvPrefix { tokens, layers })
+}
+
+fn envelope(tokens: &[u32], encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + 4 * tokens.len() + encoded.len());
+    out.extend_from_slice(&ENVELOPE_MAGIC);
+    out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
+    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+    for t in tokens {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    out.extend_from_slice(encoded);
+    out
+}
+
+fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
+    let mut r = codec::reader::Reader::new(bytes);
+    let magic = r.bytes(4)?;
+    if magic != ENVELOPE_MAGIC {
+        return Err(StoreError::Corrupt {
+            reason: "not a kvplugin object".into(),
+        });
+    }
+    let version = r.u16()?;
+    if version != ENVELOPE_VERSION {
+        return Err(StoreError::Corrupt {
+            reason: format!("object envelope version {version}"),
+        });
+    }
+    let n = r.u32()? as usize;
+    let tokens = r
+        .bytes(n.checked_mul(4).unwrap_or(usize::MAX))?
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let rest = &bytes[r.position()..];
+    Ok((tokens, rest))
+}
+
+fn kv_dtype(dtype: DType) -> Result<KvDType, StoreError> {
+    match dtype {
+        DType::F32 => Ok(KvDType::F32),
+        DType::F16 => Ok(KvDType::F16),
+        DType::BF16 => Ok(KvDType::BF16),
+        other => Err(StoreError::InvalidPrefix {
+            reason: format!("KV dtype {other:?} is not stored"),
+        }),
+    }
+}
+
+/// Tokens `start..start + len` of `prefix` as a codec chunk.
+fn chunk_of(prefix: &KvPrefix, start: usize, len: usize) -> Result<KvChunk, StoreError> {
+    let first = &prefix.layers[0].k;
+    let (_, heads, _, head_dim) = first.dims4()?;
+    let dtype = kv_dtype(first.dtype())?;
+    let shape = ChunkShape {
+        n_layers: prefix.layers.len(),
+        n_kv_heads: heads,
+        head_dim,
+        n_tokens: len,
+    };
+    let mut tensors = Vec::with_capacity(2 * prefix.layers.len());
+    for layer in &prefix.layers {
+        for t in [&layer.k, &layer.v] {
+            tensors.push(
+                t.narrow(2, start, len)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+    }
+    Ok(KvChunk::from_f32_tensors(shape, dtype, &tensors)?)
+}
+
+/// The first `take` tokens of every layer of `chunk`, as host tensors in the chunk's dtype.
+fn tensors_of(chunk: &KvChunk, take: usize) -> Result<Vec<(Tensor, Tensor)>, StoreError> {
+    let s = chunk.shape();
+    let dtype = match chunk.dtype() {
+        KvDType::F32 => DType::F32,
+        KvDType::F16 => DType::F16,
+        KvDType::BF16 => DType::BF16,
+    };
+    let tensor = |idx: usize| -> Result<Tensor, candle_core::Error> {
+        Tensor::from_vec(
+            chunk.tensor_f32(idx),
+            (1, s.n_kv_heads, s.n_tokens, s.head_dim),
+            &Device::Cpu,
+        )?
+        .narrow(2, 0, take)?
+        .to_dtype(dtype)
+    };
+    (0..s.n_layers)
+        .map(|l| Ok((tensor(2 * l)?, tensor(2 * l + 1)?)))
+        .collect()
+}
