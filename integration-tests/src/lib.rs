@@ -4,6 +4,9 @@
 //! The tests need the real model; `make setup` (scripts/setup.sh) fetches and converts it. A
 //! missing model is a test failure with a message saying so, never a skipped test.
 
+pub mod s3;
+pub mod store_suite;
+
 use std::{path::PathBuf, time::Duration};
 
 use mistralrs_kvplugin::{

@@ -98,5 +98,11 @@ fn rans_coder(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec_levels, rans_coder);
+// The macro defines an undocumented `pub fn benches`.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, codec_levels, rans_coder);
+}
+use group::benches;
 criterion_main!(benches);

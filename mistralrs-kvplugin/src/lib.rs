@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod cli;
 pub mod codec;
+pub mod config;
 pub mod corpus;
 pub mod engine;
 pub mod error;

@@ -587,8 +587,10 @@ fn sensitivity(
                     .collect::<anyhow::Result<_>>()?,
             })
         };
-    let third = |l: usize| (l * 3 / n_layers).min(2);
-    let cases: Vec<(String, Box<dyn Fn(usize, bool) -> bool>, usize)> = vec![
+    let third = move |l: usize| (l * 3 / n_layers).min(2);
+    /// (name, whether layer `l`'s K (false) or V (true) goes through the codec, exact tokens)
+    type Case<'a> = (String, Box<dyn Fn(usize, bool) -> bool + 'a>, usize);
+    let cases: Vec<Case> = vec![
         ("all".into(), Box::new(|_, _| true), 0),
         ("keys only".into(), Box::new(|_, v| !v), 0),
         ("values only".into(), Box::new(|_, v| v), 0),

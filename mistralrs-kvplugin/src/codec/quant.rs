@@ -231,7 +231,8 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), Cod
 }
 
 fn round_up_f16(v: f32) -> f16 {
-    if !(v > 0.0) {
+    // Zero, negative and NaN scales (a constant group) become 1.
+    if v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return f16::ONE;
     }
     let h = f16::from_f32(v);

@@ -180,7 +180,7 @@ pub fn encode(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
 pub fn decode(r: &mut Reader<'_>, table: &FreqTable, out: &mut [u16]) -> Result<(), CodecError> {
     let n_bytes = r.u32()? as usize;
     let stream = r.bytes(n_bytes)?;
-    if n_bytes % 2 != 0 || n_bytes < LANES * 4 {
+    if !n_bytes.is_multiple_of(2) || n_bytes < LANES * 4 {
         return Err(CodecError::corrupt("rANS stream too short"));
     }
     let n_words = n_bytes / 2;

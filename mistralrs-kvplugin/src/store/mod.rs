@@ -37,9 +37,15 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
-    /// The backend failed (server down, wrong credentials, disk full, timeout).
+    /// The backend failed (server down, disk full, timeout).
     #[error("store backend: {reason}")]
     Backend {
+        /// The backend's message.
+        reason: String,
+    },
+    /// The backend refused the credentials or the permission.
+    #[error("store refused access (check the credentials): {reason}")]
+    Denied {
         /// The backend's message.
         reason: String,
     },
@@ -61,6 +67,17 @@ impl StoreError {
     pub(crate) fn backend(e: impl std::fmt::Display) -> Self {
         Self::Backend {
             reason: e.to_string(),
+        }
+    }
+
+    /// Classifies an object_store error (a missing object is not an error: callers handle it).
+    pub(crate) fn from_object_store(e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::Unauthenticated { .. }
+            | object_store::Error::PermissionDenied { .. } => Self::Denied {
+                reason: e.to_string(),
+            },
+            other => Self::backend(other),
         }
     }
 

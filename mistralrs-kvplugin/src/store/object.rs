@@ -1,11 +1,13 @@
 //! Prefix caches in any [`object_store`] backend (memory, local disk, S3-compatible), cut into
 //! chunks of a fixed number of tokens and compressed with the [`crate::codec`].
 //!
-//! Layout under `{namespace}/v1/{model fingerprint}/`:
-//! - `chunk-{hash}.{level}`: one full chunk. `hash` chains BLAKE3 over the chunk size, the parent
+//! Layout under `{namespace}/v1/{model fingerprint}/` (names carry the first 128 bits of each
+//! 256-bit hash: short enough for every backend's file-name limits, e.g. s3s-fs keeps one metadata
+//! file per object named after the whole key; the full fingerprint is checked inside each chunk):
+//! - `c-{hash}.{level}`: one full chunk. `hash` chains BLAKE3 over the chunk size, the parent
 //!   chunk's hash and this chunk's token ids, so a key names a whole prefix, is stable across
 //!   processes and machines, and never depends on Rust's `DefaultHasher`.
-//! - `tail-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
+//! - `t-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
 //!   after that parent (the last writer wins). A later prompt that shares only part of the tail
 //!   still uses that part, so a hit covers the prompt up to where it diverges, not only whole chunks.
 //!
@@ -107,23 +109,23 @@ impl ObjectPrefixStore {
     }
 
     fn root(&self, model: &ModelFingerprint) -> String {
-        format!("{}/v1/{}", self.config.namespace, model.to_hex())
+        format!("{}/v1/{}", self.config.namespace, &model.to_hex()[..32])
     }
 
     fn chunk_path(&self, model: &ModelFingerprint, hash: &blake3::Hash) -> Path {
         Path::from(format!(
-            "{}/chunk-{}.{}",
+            "{}/c-{}.{}",
             self.root(model),
-            hash.to_hex(),
+            &hash.to_hex()[..32],
             self.config.level.name()
         ))
     }
 
     fn tail_path(&self, model: &ModelFingerprint, parent: &blake3::Hash) -> Path {
         Path::from(format!(
-            "{}/tail-{}.{}",
+            "{}/t-{}.{}",
             self.root(model),
-            parent.to_hex(),
+            &parent.to_hex()[..32],
             self.config.level.name()
         ))
     }
@@ -154,14 +156,17 @@ impl ObjectPrefixStore {
     async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
         match self.store.get(path).await {
             Ok(result) => {
-                let bytes = result.bytes().await.map_err(StoreError::backend)?;
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(StoreError::from_object_store)?;
                 self.counters
                     .bytes_read
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Ok(Some(bytes))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StoreError::backend(e)),
+            Err(e) => Err(StoreError::from_object_store(e)),
         }
     }
 
@@ -187,7 +192,7 @@ impl ObjectPrefixStore {
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(StoreError::backend(e)),
+            Err(e) => Err(StoreError::from_object_store(e)),
         }
     }
 
@@ -195,7 +200,7 @@ impl ObjectPrefixStore {
         match self.store.head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(StoreError::backend(e)),
+            Err(e) => Err(StoreError::from_object_store(e)),
         }
     }
 
@@ -415,7 +420,7 @@ fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
     }
     let n = r.u32()? as usize;
     let tokens = r
-        .bytes(n.checked_mul(4).unwrap_or(usize::MAX))?
+        .bytes(n.saturating_mul(4))?
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();

@@ -1,0 +1,76 @@
+//! The store behaviour suite against every backend: object_store's memory store, the local
+//! filesystem, and real S3 servers on 127.0.0.1 (s3s-fs; `make setup` installs it).
+
+use std::sync::Arc;
+
+use integration_tests::{s3::S3Server, store_suite::behaviour_suite};
+use object_store::{local::LocalFileSystem, memory::InMemory, ObjectStore};
+
+#[tokio::test]
+async fn memory_backend() {
+    let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let same = backend.clone();
+    behaviour_suite(backend, move || same.clone()).await;
+}
+
+#[tokio::test]
+async fn local_filesystem_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let open = move || -> Arc<dyn ObjectStore> {
+        Arc::new(LocalFileSystem::new_with_prefix(&path).unwrap())
+    };
+    behaviour_suite(open(), open).await;
+}
+
+#[tokio::test]
+async fn s3s_fs_backend() {
+    let server = S3Server::start_s3s_fs();
+    let config = server.config();
+    behaviour_suite(config.open_backend().unwrap(), || {
+        config.open_backend().unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_a_clear_error() {
+    use integration_tests::store_suite::{model, prefix, tokens};
+    use mistralrs_kvplugin::store::{PrefixStore, StoreError};
+    let server = S3Server::start_s3s_fs();
+    let mut config = server.config();
+    config.store.secret_access_key = Some("not-the-secret".into());
+    let store = config.build_store().unwrap();
+    let saved = tokens(100, 0);
+    match store.save(&model(1), prefix(&saved, 0.0)).await {
+        Err(StoreError::Denied { reason }) => assert!(!reason.is_empty()),
+        other => panic!("save with a wrong secret gave {other:?}"),
+    }
+    assert!(matches!(
+        store.load(&model(1), &saved, 0).await,
+        Err(StoreError::Denied { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_stopped_server_gives_errors_not_answers_or_hangs() {
+    use integration_tests::store_suite::{model, prefix, tokens};
+    use mistralrs_kvplugin::store::{PrefixStore, StoreError};
+    let mut server = S3Server::start_s3s_fs();
+    let store = server.config().build_store().unwrap();
+    let saved = tokens(150, 0);
+    store.save(&model(1), prefix(&saved, 0.0)).await.unwrap();
+    assert!(store.load(&model(1), &saved, 0).await.unwrap().is_some());
+    server.kill();
+    // The guard only turns a hang into a failure; the store's own timeouts end it far sooner.
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        store.load(&model(1), &saved, 0),
+    )
+    .await
+    .expect("load after the server stopped must not hang");
+    assert!(
+        matches!(result, Err(StoreError::Backend { .. })),
+        "{result:?}"
+    );
+}

@@ -1,0 +1,369 @@
+//! The plugin's configuration: one `serde` struct, read from a TOML file, with environment
+//! overrides, validated with errors that name the offending field.
+//!
+//! ```toml
+//! namespace = "kvplugin"
+//! chunk_tokens = 256
+//! level = "default"            # lossless | fine | default | coarse
+//! fetch_concurrency = 8
+//! max_pending_saves = 4
+//! load_timeout_ms = 10000
+//! min_prefix_tokens = 16
+//!
+//! [store]
+//! url = "file:///var/cache/kvplugin"   # or a plain path, "memory://", "s3://bucket"
+//! endpoint = "http://127.0.0.1:9000"   # S3-compatible servers (MinIO, Garage, ...)
+//! region = "garage"
+//! access_key_id = "..."                # or AWS_ACCESS_KEY_ID
+//! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
+//! allow_http = true
+//! request_timeout_ms = 5000
+//! ```
+//!
+//! Environment overrides (applied by [`PluginConfig::apply_env`]): `KVPLUGIN_STORE_URL`,
+//! `KVPLUGIN_S3_ENDPOINT`, `KVPLUGIN_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `KVPLUGIN_LEVEL`, `KVPLUGIN_CHUNK_TOKENS`, `KVPLUGIN_NAMESPACE`.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use object_store::{
+    aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, ClientOptions, ObjectStore,
+    RetryConfig,
+};
+use serde::Deserialize;
+
+use crate::{
+    codec::Level,
+    hook::HookConfig,
+    store::{ObjectPrefixStore, ObjectStoreConfig},
+};
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config field `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The field (dotted path for nested ones).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where the store is.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `file:///path`, a plain path, `memory://`, or `s3://bucket`.
+    pub url: String,
+    /// S3 endpoint (for S3-compatible servers); AWS when absent.
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// S3 access key id.
+    pub access_key_id: Option<String>,
+    /// S3 secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints.
+    pub allow_http: bool,
+    /// Timeout of one request.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: ".kvplugin/store".into(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Everything the plugin can be told.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The store.
+    pub store: StoreSettings,
+    /// Path prefix of every object.
+    pub namespace: String,
+    /// Tokens per stored chunk.
+    pub chunk_tokens: usize,
+    /// Codec level written.
+    pub level: String,
+    /// Chunks fetched at once.
+    pub fetch_concurrency: usize,
+    /// Saves in flight at once; further ones are dropped and counted.
+    pub max_pending_saves: usize,
+    /// How long the engine waits for a lookup.
+    pub load_timeout_ms: u64,
+    /// Shorter prefixes are neither saved nor looked up.
+    pub min_prefix_tokens: usize,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        let store = ObjectStoreConfig::default();
+        let hook = HookConfig::default();
+        Self {
+            store: StoreSettings::default(),
+            namespace: store.namespace,
+            chunk_tokens: store.chunk_tokens,
+            level: store.level.name().into(),
+            fetch_concurrency: store.fetch_concurrency,
+            max_pending_saves: hook.max_pending_saves,
+            load_timeout_ms: hook.load_timeout.as_millis() as u64,
+            min_prefix_tokens: hook.min_prefix_tokens,
+        }
+    }
+}
+
+impl PluginConfig {
+    /// Parses TOML and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            let field = e
+                .message()
+                .split('`')
+                .nth(1)
+                .unwrap_or("(file)")
+                .to_string();
+            bad(&field, e.message().trim().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file, applies the environment, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("(file)", format!("{}: {e}", path.display())))?;
+        let mut config = Self::from_toml_str(&text)?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// Applies environment overrides (`env` looks a variable up), then validates.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("KVPLUGIN_STORE_URL") {
+            self.store.url = v;
+        }
+        if let Some(v) = env("KVPLUGIN_S3_ENDPOINT") {
+            self.store.endpoint = Some(v);
+        }
+        if let Some(v) = env("KVPLUGIN_S3_REGION") {
+            self.store.region = Some(v);
+        }
+        if let Some(v) = env("AWS_ACCESS_KEY_ID") {
+            self.store.access_key_id = Some(v);
+        }
+        if let Some(v) = env("AWS_SECRET_ACCESS_KEY") {
+            self.store.secret_access_key = Some(v);
+        }
+        if let Some(v) = env("KVPLUGIN_LEVEL") {
+            self.level = v;
+        }
+        if let Some(v) = env("KVPLUGIN_NAMESPACE") {
+            self.namespace = v;
+        }
+        if let Some(v) = env("KVPLUGIN_CHUNK_TOKENS") {
+            self.chunk_tokens = v.parse().map_err(|_| {
+                bad(
+                    "chunk_tokens",
+                    format!("KVPLUGIN_CHUNK_TOKENS=`{v}` is not a number"),
+                )
+            })?;
+        }
+        self.validate()
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.level()?;
+        if self.chunk_tokens == 0 || self.chunk_tokens > crate::codec::format::MAX_TOKENS {
+            return Err(bad(
+                "chunk_tokens",
+                format!("must be 1..={}", crate::codec::format::MAX_TOKENS),
+            ));
+        }
+        if self.fetch_concurrency == 0 {
+            return Err(bad("fetch_concurrency", "must be at least 1"));
+        }
+        if self.max_pending_saves == 0 {
+            return Err(bad("max_pending_saves", "must be at least 1"));
+        }
+        if self.load_timeout_ms == 0 {
+            return Err(bad("load_timeout_ms", "must be at least 1"));
+        }
+        if self.namespace.is_empty() || self.namespace.contains("..") {
+            return Err(bad("namespace", "must be a non-empty relative path"));
+        }
+        if self.store.url.is_empty() {
+            return Err(bad("store.url", "must not be empty"));
+        }
+        if let Some(bucket) = self.store.url.strip_prefix("s3://") {
+            if bucket.is_empty() || bucket.contains('/') {
+                return Err(bad("store.url", "s3 urls are `s3://bucket`"));
+            }
+            if self.store.access_key_id.is_some() != self.store.secret_access_key.is_some() {
+                return Err(bad(
+                    "store.secret_access_key",
+                    "give both access_key_id and secret_access_key, or neither",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The codec level.
+    pub fn level(&self) -> Result<Level, ConfigError> {
+        Level::from_name(&self.level).ok_or_else(|| {
+            bad(
+                "level",
+                format!(
+                    "`{}` is not one of lossless, fine, default, coarse",
+                    self.level
+                ),
+            )
+        })
+    }
+
+    /// Opens the backend the store settings describe.
+    pub fn open_backend(&self) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+        let s = &self.store;
+        if s.url == "memory://" {
+            return Ok(Arc::new(InMemory::new()));
+        }
+        if let Some(bucket) = s.url.strip_prefix("s3://") {
+            let timeout = Duration::from_millis(s.request_timeout_ms);
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(s.region.clone().unwrap_or_else(|| "us-east-1".into()))
+                .with_allow_http(s.allow_http)
+                .with_client_options(
+                    ClientOptions::new()
+                        .with_timeout(timeout)
+                        .with_connect_timeout(timeout)
+                        .with_allow_http(s.allow_http),
+                )
+                .with_retry(RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: timeout,
+                    ..Default::default()
+                });
+            if let Some(endpoint) = &s.endpoint {
+                // S3-compatible servers on an address take path-style requests.
+                b = b
+                    .with_endpoint(endpoint)
+                    .with_virtual_hosted_style_request(false);
+            }
+            if let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) {
+                b = b.with_access_key_id(id).with_secret_access_key(secret);
+            }
+            return Ok(Arc::new(
+                b.build().map_err(|e| bad("store", e.to_string()))?,
+            ));
+        }
+        let path = s.url.strip_prefix("file://").unwrap_or(&s.url);
+        std::fs::create_dir_all(path).map_err(|e| bad("store.url", format!("{path}: {e}")))?;
+        Ok(Arc::new(
+            LocalFileSystem::new_with_prefix(path).map_err(|e| bad("store.url", e.to_string()))?,
+        ))
+    }
+
+    /// The chunked store over the configured backend.
+    pub fn build_store(&self) -> Result<ObjectPrefixStore, ConfigError> {
+        ObjectPrefixStore::new(
+            self.open_backend()?,
+            ObjectStoreConfig {
+                namespace: self.namespace.clone(),
+                chunk_tokens: self.chunk_tokens,
+                level: self.level()?,
+                fetch_concurrency: self.fetch_concurrency,
+            },
+        )
+        .map_err(|e| bad("store", e.to_string()))
+    }
+
+    /// The hook settings.
+    pub fn hook_config(&self) -> HookConfig {
+        HookConfig {
+            max_pending_saves: self.max_pending_saves,
+            load_timeout: Duration::from_millis(self.load_timeout_ms),
+            min_prefix_tokens: self.min_prefix_tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_files_override_them() {
+        PluginConfig::default().validate().unwrap();
+        let c = PluginConfig::from_toml_str(
+            "chunk_tokens = 128\nlevel = \"fine\"\n[store]\nurl = \"s3://kv\"\nendpoint = \"http://127.0.0.1:9\"\nallow_http = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.chunk_tokens, 128);
+        assert_eq!(c.level().unwrap(), Level::Fine);
+        assert_eq!(c.store.endpoint.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(
+            c.max_pending_saves,
+            PluginConfig::default().max_pending_saves
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("level = \"best\"", "level"),
+            ("chunk_tokens = 0", "chunk_tokens"),
+            ("fetch_concurrency = 0", "fetch_concurrency"),
+            ("bogus = 1", "bogus"),
+            ("[store]\nurl = \"s3://a/b\"", "store.url"),
+            (
+                "[store]\nurl = \"s3://a\"\naccess_key_id = \"x\"",
+                "store.secret_access_key",
+            ),
+            ("chunk_tokens = \"many\"", "(file)"),
+        ];
+        for (text, field) in cases {
+            let err = PluginConfig::from_toml_str(text).unwrap_err();
+            assert!(
+                err.field == field || err.reason.contains(field),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = PluginConfig::default();
+        let env = |k: &str| match k {
+            "KVPLUGIN_STORE_URL" => Some("s3://bucket".to_string()),
+            "AWS_ACCESS_KEY_ID" => Some("id".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("secret".to_string()),
+            "KVPLUGIN_CHUNK_TOKENS" => Some("64".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert_eq!(c.store.url, "s3://bucket");
+        assert_eq!(c.chunk_tokens, 64);
+        let err = c
+            .apply_env(|k| (k == "KVPLUGIN_CHUNK_TOKENS").then(|| "x".to_string()))
+            .unwrap_err();
+        assert_eq!(err.field, "chunk_tokens");
+    }
+}
