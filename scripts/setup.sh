@@ -31,7 +31,9 @@ if ! sha_ok "$gguf"; then
   mv "$gguf.part" "$gguf"
 fi
 
-cargo build --release --locked --bin kvplugin
+# The whole workspace, so that cargo resolves the same features as `cargo test --workspace` and
+# the engine is compiled once, not once per feature set.
+cargo build --release --locked --workspace
 if [[ ! -f "$models/SmolLM2-135M-Instruct-f32/model.safetensors" ]]; then
   echo "setup: converting the GGUF into a Hugging Face folder (F32)" >&2
   KVPLUGIN_MODELS="$models" "$CARGO_TARGET_DIR/release/kvplugin" convert --dtype f32

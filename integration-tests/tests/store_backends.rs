@@ -1,9 +1,18 @@
 //! The store behaviour suite against every backend: object_store's memory store, the local
-//! filesystem, and real S3 servers on 127.0.0.1 (s3s-fs; `make setup` installs it).
+//! filesystem, and real S3 servers on 127.0.0.1 (s3s-fs; `make setup` installs it); then what
+//! needs no backend variety (dtypes, settings) and the S3 failure modes.
 
 use std::sync::Arc;
 
-use integration_tests::{s3::S3Server, store_suite::behaviour_suite};
+use candle_core::DType;
+use integration_tests::{
+    s3::S3Server,
+    store_suite::{behaviour_suite, model, prefix, store_over, tokens},
+};
+use mistralrs_kvplugin::{
+    codec::Level,
+    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
+};
 use object_store::{local::LocalFileSystem, memory::InMemory, ObjectStore};
 
 #[tokio::test]
@@ -35,8 +44,7 @@ async fn s3s_fs_backend() {
 
 #[tokio::test]
 async fn wrong_credentials_are_a_clear_error() {
-    use integration_tests::store_suite::{model, prefix, tokens};
-    use mistralrs_kvplugin::store::{PrefixStore, StoreError};
+    use mistralrs_kvplugin::store::StoreError;
     let server = S3Server::start_s3s_fs();
     let mut config = server.config();
     config.store.secret_access_key = Some("not-the-secret".into());
@@ -54,8 +62,7 @@ async fn wrong_credentials_are_a_clear_error() {
 
 #[tokio::test]
 async fn a_stopped_server_gives_errors_not_answers_or_hangs() {
-    use integration_tests::store_suite::{model, prefix, tokens};
-    use mistralrs_kvplugin::store::{PrefixStore, StoreError};
+    use mistralrs_kvplugin::store::StoreError;
     let mut server = S3Server::start_s3s_fs();
     let store = server.config().build_store().unwrap();
     let saved = tokens(150, 0);
@@ -73,4 +80,42 @@ async fn a_stopped_server_gives_errors_not_answers_or_hangs() {
         matches!(result, Err(StoreError::Backend { .. })),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn f16_caches_round_trip_in_their_dtype() {
+    let store = store_over(Arc::new(InMemory::new()), Level::Lossless);
+    let t = tokens(70, 1);
+    let mut p = prefix(&t, 1.0);
+    for l in &mut p.layers {
+        l.k = l.k.to_dtype(DType::F16).unwrap();
+        l.v = l.v.to_dtype(DType::F16).unwrap();
+    }
+    store.save(&model(1), p.clone()).await.unwrap();
+    let mut prompt = t.clone();
+    prompt.push(1);
+    let hit = store.load(&model(1), &prompt, 0).await.unwrap().unwrap();
+    assert_eq!(hit.layers[0].k.dtype(), DType::F16);
+    let (a, b) = (
+        hit.layers[2].v.to_dtype(DType::F32).unwrap(),
+        p.layers[2].v.to_dtype(DType::F32).unwrap(),
+    );
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn invalid_settings_name_the_field() {
+    let err = ObjectPrefixStore::new(
+        Arc::new(InMemory::new()),
+        ObjectStoreConfig {
+            chunk_tokens: 0,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("chunk_tokens"), "{err}");
 }
