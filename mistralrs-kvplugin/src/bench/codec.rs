@@ -29,13 +29,11 @@ use super::{
     median_time,
 };
 use crate::{
-    codec::{
-        self, ChunkShape, EncodeOptions, Grouping, KvChunk, KvDType, Level, LossySpec, QuantSpec,
-    },
+    codec::{self, ChunkShape, EncodeOptions, Grouping, KvChunk, Level, LossySpec, QuantSpec},
     corpus,
     engine::{EngineOptions, LocalEngine, ModelSource},
     eval::{argmax_rows, nll, LlamaEval, PastKv},
-    model,
+    model, store,
 };
 
 /// Arguments of `kvplugin bench codec`.
@@ -453,51 +451,53 @@ fn max_abs_diff(a: &PastKv, b: &PastKv) -> anyhow::Result<f64> {
     Ok(max)
 }
 
-/// Cuts a cache into chunks of `chunk_tokens` tokens (the last may be shorter).
+/// Cuts a cache into chunks of `chunk_tokens` tokens (the last may be shorter), as the store does.
 fn to_chunks(kv: &PastKv, chunk_tokens: usize) -> anyhow::Result<Vec<KvChunk>> {
-    let n = kv.len();
-    let (_, heads, _, head_dim) = kv.k[0].dims4()?;
-    let mut chunks = Vec::new();
-    for start in (0..n).step_by(chunk_tokens) {
-        let len = chunk_tokens.min(n - start);
-        let shape = ChunkShape {
-            n_layers: kv.k.len(),
-            n_kv_heads: heads,
-            head_dim,
-            n_tokens: len,
-        };
-        let mut tensors = Vec::with_capacity(2 * kv.k.len());
-        for (k, v) in kv.k.iter().zip(&kv.v) {
-            for t in [k, v] {
-                tensors.push(t.narrow(2, start, len)?.flatten_all()?.to_vec1::<f32>()?);
-            }
-        }
-        chunks.push(KvChunk::from_f32_tensors(shape, KvDType::F32, &tensors)?);
-    }
-    Ok(chunks)
+    let prefix = KvPrefix {
+        tokens: vec![0; kv.len()],
+        layers: kv
+            .k
+            .iter()
+            .zip(&kv.v)
+            .map(|(k, v)| mistralrs_core::LayerKv {
+                k: k.clone(),
+                v: v.clone(),
+            })
+            .collect(),
+    };
+    (0..kv.len())
+        .step_by(chunk_tokens)
+        .map(|start| {
+            Ok(store::chunk_of(
+                &prefix,
+                start,
+                chunk_tokens.min(kv.len() - start),
+            )?)
+        })
+        .collect()
 }
 
 /// Reassembles chunks into a cache.
 fn from_chunks(chunks: &[KvChunk], n_layers: usize) -> anyhow::Result<PastKv> {
-    let mut k = Vec::with_capacity(n_layers);
-    let mut v = Vec::with_capacity(n_layers);
-    for layer in 0..n_layers {
-        for (kv, out) in [(0, &mut k), (1, &mut v)] {
-            let parts = chunks
-                .iter()
-                .map(|c| {
-                    let s = c.shape();
-                    Tensor::from_vec(
-                        c.tensor_f32(2 * layer + kv),
-                        (1, s.n_kv_heads, s.n_tokens, s.head_dim),
-                        &Device::Cpu,
-                    )
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            out.push(Tensor::cat(&parts, 2)?);
+    let mut parts = vec![(Vec::new(), Vec::new()); n_layers];
+    for chunk in chunks {
+        for ((ks, vs), (k, v)) in parts
+            .iter_mut()
+            .zip(store::tensors_of(chunk, chunk.shape().n_tokens)?)
+        {
+            ks.push(k);
+            vs.push(v);
         }
     }
-    Ok(PastKv { k, v })
+    let mut past = PastKv {
+        k: Vec::with_capacity(n_layers),
+        v: Vec::with_capacity(n_layers),
+    };
+    for (ks, vs) in parts {
+        past.k.push(Tensor::cat(&ks, 2)?);
+        past.v.push(Tensor::cat(&vs, 2)?);
+    }
+    Ok(past)
 }
 
 fn print_table(report: &Report) {

@@ -12,6 +12,7 @@ mod memory;
 mod object;
 
 pub use memory::MemoryPrefixStore;
+pub(crate) use object::{chunk_of, tensors_of};
 pub use object::{ObjectPrefixStore, ObjectStoreConfig, ObjectStoreCounters};
 
 use async_trait::async_trait;

@@ -440,7 +440,7 @@ fn kv_dtype(dtype: DType) -> Result<KvDType, StoreError> {
 }
 
 /// Tokens `start..start + len` of `prefix` as a codec chunk.
-fn chunk_of(prefix: &KvPrefix, start: usize, len: usize) -> Result<KvChunk, StoreError> {
+pub(crate) fn chunk_of(prefix: &KvPrefix, start: usize, len: usize) -> Result<KvChunk, StoreError> {
     let first = &prefix.layers[0].k;
     let (_, heads, _, head_dim) = first.dims4()?;
     let dtype = kv_dtype(first.dtype())?;
@@ -465,7 +465,10 @@ fn chunk_of(prefix: &KvPrefix, start: usize, len: usize) -> Result<KvChunk, Stor
 }
 
 /// The first `take` tokens of every layer of `chunk`, as host tensors in the chunk's dtype.
-fn tensors_of(chunk: &KvChunk, take: usize) -> Result<Vec<(Tensor, Tensor)>, StoreError> {
+pub(crate) fn tensors_of(
+    chunk: &KvChunk,
+    take: usize,
+) -> Result<Vec<(Tensor, Tensor)>, StoreError> {
     let s = chunk.shape();
     let dtype = match chunk.dtype() {
         KvDType::F32 => DType::F32,
