@@ -15,6 +15,7 @@ use integration_tests::{document, gguf_path, hf_dir, question_prompt, wait_for};
 use mistralrs_core::{KvHook, KvModelInfo, KvPrefix, LayerKv, ModelDType};
 use mistralrs_kvplugin::{
     engine::{EngineOptions, LocalEngine, ModelSource},
+    store::common_prefix_len,
     HookConfig, KvPluginHook, MemoryPrefixStore, PrefixStore,
 };
 
@@ -59,11 +60,7 @@ async fn fresh_engine_prefills_only_the_suffix_and_matches_stock() {
     let got = engine_b.complete(&prompt_b, NEW_TOKENS).await.unwrap();
     let b = wait_for(&hook_b, 1, 1).await;
 
-    let shared = prompt_a
-        .iter()
-        .zip(&prompt_b)
-        .take_while(|(x, y)| x == y)
-        .count();
+    let shared = common_prefix_len(&prompt_a, &prompt_b);
     assert!(shared > DOC_TOKENS, "prompts share the document ({shared})");
     assert_eq!(b.hits, 1, "{b:?}");
     assert_eq!(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use integration_tests::{document, gguf_path, question_prompt, s3::S3Server, wait_for};
 use mistralrs_kvplugin::{
     engine::{EngineOptions, LocalEngine, ModelSource},
+    store::common_prefix_len,
     KvPluginHook, PrefixStore,
 };
 
@@ -51,11 +52,7 @@ async fn engines_share_a_bucket_and_survive_losing_it() {
         .unwrap();
     let got = engine_b.complete(&prompt_b, NEW_TOKENS).await.unwrap();
     let b = wait_for(&hook_b, 1, 1).await;
-    let shared = prompt_a
-        .iter()
-        .zip(&prompt_b)
-        .take_while(|(x, y)| x == y)
-        .count();
+    let shared = common_prefix_len(&prompt_a, &prompt_b);
     assert_eq!(b.hits, 1, "{b:?}");
     assert_eq!(b.last_reused_tokens, shared as u64, "{b:?}");
     assert_eq!(got.tokens, expected.tokens);

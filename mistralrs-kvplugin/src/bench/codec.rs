@@ -258,38 +258,22 @@ fn evaluate(
     };
     let encoded = encode_all();
     let bytes: usize = encoded.iter().map(Vec::len).sum();
-    let decoded: Vec<KvChunk> = encoded
-        .iter()
-        .zip(chunks)
-        .map(|(b, c)| scheme.decode(b, c.shape()))
-        .collect();
     let mb = n_values as f64 * 2.0 / 1e6;
     let mb_s = |d: Duration| mb / d.as_secs_f64();
     let single = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let decode_all = || -> Vec<KvChunk> {
+        encoded
+            .iter()
+            .zip(chunks)
+            .map(|(b, c)| scheme.decode(b, c.shape()))
+            .collect()
+    };
     let enc1 = single.install(|| median_time(args.reps, || drop(encode_all())));
-    let dec1 = single.install(|| {
-        median_time(args.reps, || {
-            drop(
-                encoded
-                    .iter()
-                    .zip(chunks)
-                    .map(|(b, c)| scheme.decode(b, c.shape()))
-                    .collect::<Vec<_>>(),
-            )
-        })
-    });
+    let dec1 = single.install(|| median_time(args.reps, || drop(decode_all())));
     let enc_all = median_time(args.reps, || drop(encode_all()));
-    let dec_all = median_time(args.reps, || {
-        drop(
-            encoded
-                .iter()
-                .zip(chunks)
-                .map(|(b, c)| scheme.decode(b, c.shape()))
-                .collect::<Vec<_>>(),
-        )
-    });
+    let dec_all = median_time(args.reps, || drop(decode_all()));
 
-    let kv = from_chunks(&decoded, exact_kv.k.len())?;
+    let kv = from_chunks(&decode_all(), exact_kv.k.len())?;
     let q = Quality::measure(reference, &kv, prefix, eval_ids, Some(exact))?;
     let bits = bytes as f64 * 8.0 / n_values as f64;
     let row = SchemeResult {

@@ -13,16 +13,9 @@ const ZSTD_LEVEL: i32 = 1;
 pub fn encode(bytes: &[u8], dims: Dims, elem: usize, out: &mut Vec<u8>) {
     let n = dims.heads * dims.tokens * dims.channels;
     let mut planes = vec![0u8; n * elem];
-    let mut k = 0;
-    for h in 0..dims.heads {
-        for c in 0..dims.channels {
-            for t in 0..dims.tokens {
-                let src = ((h * dims.tokens + t) * dims.channels + c) * elem;
-                for b in 0..elem {
-                    planes[b * n + k] = bytes[src + b];
-                }
-                k += 1;
-            }
+    for (k, src) in channel_major(dims).enumerate() {
+        for b in 0..elem {
+            planes[b * n + k] = bytes[src * elem + b];
         }
     }
     let compressed = zstd::bulk::compress(&planes, ZSTD_LEVEL).expect("in-memory zstd cannot fail");
@@ -45,17 +38,20 @@ pub fn decode(
     if planes.len() != n * elem {
         return Err(CodecError::corrupt("zstd frame has the wrong size"));
     }
-    let mut k = 0;
-    for h in 0..dims.heads {
-        for c in 0..dims.channels {
-            for t in 0..dims.tokens {
-                let dst = ((h * dims.tokens + t) * dims.channels + c) * elem;
-                for b in 0..elem {
-                    out[dst + b] = planes[b * n + k];
-                }
-                k += 1;
-            }
+    for (k, dst) in channel_major(dims).enumerate() {
+        for b in 0..elem {
+            out[dst * elem + b] = planes[b * n + k];
         }
     }
     Ok(())
+}
+
+/// Element indices of a `[heads, tokens, channels]` tensor in channel-major order
+/// (`[head, channel, token]`): the order both directions walk.
+fn channel_major(dims: Dims) -> impl Iterator<Item = usize> {
+    (0..dims.heads).flat_map(move |h| {
+        (0..dims.channels).flat_map(move |c| {
+            (0..dims.tokens).map(move |t| (h * dims.tokens + t) * dims.channels + c)
+        })
+    })
 }

@@ -146,6 +146,6 @@ pub(crate) fn validate_prefix(prefix: &KvPrefix) -> Result<u64, StoreError> {
 }
 
 /// Length of the common prefix of two token slices.
-pub(crate) fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
