@@ -186,6 +186,100 @@ proptest! {
             check_lossy_bound(&chunk, level, 256);
         }
     }
+
+    #[test]
+    fn decoding_into_a_prefix_buffer_matches_decode(
+        heads in 1usize..3, dim in 1usize..17, tokens in 1usize..40,
+        dtype in prop_oneof![Just(KvDType::F32), Just(KvDType::F16), Just(KvDType::BF16)],
+        grouping in prop_oneof![Just(Grouping::PerChannel), Just(Grouping::PerToken), Just(Grouping::PerHead)],
+        level in prop_oneof![Just(Level::Lossless), Just(Level::Fine), Just(Level::Coarse)],
+        before in 0usize..5, after in 0usize..5, take_frac in 0.0f64..=1.0, start in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        // The store's fast path: a chunk decoded straight into a longer buffer, at an offset,
+        // keeping only its first `take` tokens, must equal `decode`'s values there and leave
+        // every other value untouched.
+        let chunk = synthetic_chunk(shape(2, heads, dim, tokens), dtype, seed);
+        let spec = level.lossy_spec().map(|mut s| {
+            s.keys.grouping = grouping;
+            s.values.grouping = grouping;
+            s
+        });
+        let options = EncodeOptions { spec, ..EncodeOptions::for_chunk(level, start) };
+        let encoded = codec::encode_with(&chunk, &options, &MODEL).unwrap();
+        let decoded = codec::decode(&encoded, &MODEL).unwrap();
+        let parsed = codec::ParsedChunk::parse(&encoded, &MODEL).unwrap();
+        let take = ((tokens as f64 * take_frac).round() as usize).min(tokens);
+        let total = before + tokens + after;
+        for t in 0..4 {
+            let mut buffer = vec![f32::NAN; heads * total * dim];
+            parsed
+                .decode_tensor_into(t, &mut codec::Dest {
+                    data: &mut buffer,
+                    tokens: total,
+                    token_offset: before,
+                    take,
+                })
+                .unwrap();
+            let want = decoded.tensor_f32(t);
+            for h in 0..heads {
+                for tok in 0..total {
+                    for c in 0..dim {
+                        // Dequantised values come out in f32; rounded to the chunk's dtype (as
+                        // the store does when it builds the engine's tensors) they are decode's.
+                        let raw = buffer[(h * total + tok) * dim + c];
+                        let got = match dtype {
+                            KvDType::F32 => raw,
+                            KvDType::F16 => f16::from_f32(raw).to_f32(),
+                            KvDType::BF16 => half::bf16::from_f32(raw).to_f32(),
+                        };
+                        if tok >= before && tok < before + take {
+                            let w = want[(h * tokens + tok - before) * dim + c];
+                            prop_assert_eq!(got.to_bits(), w.to_bits(), "h {} tok {} c {}", h, tok, c);
+                        } else {
+                            prop_assert!(got.is_nan(), "wrote outside its span at h {} tok {}", h, tok);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn decoding_into_a_buffer_of_the_wrong_size_is_an_error() {
+    let chunk = synthetic_chunk(shape(1, 2, 8, 10), KvDType::F32, 1);
+    let encoded = codec::encode(&chunk, Level::Default, &MODEL).unwrap();
+    let parsed = codec::ParsedChunk::parse(&encoded, &MODEL).unwrap();
+    let mut small = vec![0f32; 2 * 10 * 8 - 1];
+    let mut dest = codec::Dest {
+        data: &mut small,
+        tokens: 10,
+        token_offset: 0,
+        take: 10,
+    };
+    assert!(matches!(
+        parsed.decode_tensor_into(0, &mut dest),
+        Err(CodecError::ShapeMismatch { .. })
+    ));
+    let mut exact = vec![0f32; 2 * 10 * 8];
+    let mut past_end = codec::Dest {
+        data: &mut exact,
+        tokens: 10,
+        token_offset: 1,
+        take: 10,
+    };
+    assert!(parsed.decode_tensor_into(0, &mut past_end).is_err());
+    let mut ok = codec::Dest {
+        data: &mut exact,
+        tokens: 10,
+        token_offset: 0,
+        take: 10,
+    };
+    assert!(
+        parsed.decode_tensor_into(2, &mut ok).is_err(),
+        "tensor index past the chunk"
+    );
 }
 
 #[test]
@@ -405,5 +499,5 @@ fn golden_files_of_every_version_still_decode() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 2 * Level::ALL.len());
 }

@@ -172,6 +172,24 @@ pub(crate) fn read_f32(dtype: KvDType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// Decodes little-endian elements of `dtype` into `out` (exactly as many).
+pub(crate) fn read_f32_into(dtype: KvDType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        KvDType::F32 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        KvDType::F16 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        KvDType::BF16 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+    }
+}
+
 /// Appends `values` as little-endian elements of `dtype`.
 pub(crate) fn write_f32(dtype: KvDType, values: &[f32], out: &mut Vec<u8>) {
     let start = out.len();

@@ -5,7 +5,11 @@
 //! magnitudes, so similar exponent bytes); the byte planes then group the slowly varying high
 //! bytes together, which zstd compresses far better than interleaved raw floats.
 
-use super::{quant::Dims, reader::Reader, CodecError};
+use super::{
+    quant::{Dest, Dims},
+    reader::Reader,
+    CodecError, KvDType,
+};
 
 const ZSTD_LEVEL: i32 = 1;
 
@@ -41,6 +45,61 @@ pub fn decode(
     for (k, dst) in channel_major(dims).enumerate() {
         for b in 0..elem {
             out[dst * elem + b] = planes[b * n + k];
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a tensor written by [`encode`] straight into `dest` as f32 (the store's fast path):
+/// the byte planes are joined into elements in the loop that places them, tokens at or after
+/// `dest.take` are skipped.
+pub fn decode_f32_into(
+    r: &mut Reader<'_>,
+    dims: Dims,
+    dtype: KvDType,
+    dest: &mut Dest<'_>,
+) -> Result<(), CodecError> {
+    let elem = dtype.size();
+    let len = r.u32()? as usize;
+    let compressed = r.bytes(len)?;
+    let n = dims.heads * dims.tokens * dims.channels;
+    let planes = zstd::bulk::decompress(compressed, n * elem)
+        .map_err(|e| CodecError::corrupt(format!("zstd: {e}")))?;
+    if planes.len() != n * elem {
+        return Err(CodecError::corrupt("zstd frame has the wrong size"));
+    }
+    let kept = dest.take.min(dims.tokens);
+    let (channels, tokens) = (dims.channels, dims.tokens);
+    for h in 0..dims.heads {
+        let base = (h * dest.tokens + dest.token_offset) * channels;
+        for c in 0..channels {
+            // Plane index of (h, c, token 0); the tokens of a channel are contiguous.
+            let k0 = (h * channels + c) * tokens;
+            let out = &mut dest.data[base + c..];
+            match dtype {
+                KvDType::F32 => {
+                    let (p0, p1, p2, p3) = (
+                        &planes[k0..k0 + kept],
+                        &planes[n + k0..n + k0 + kept],
+                        &planes[2 * n + k0..2 * n + k0 + kept],
+                        &planes[3 * n + k0..3 * n + k0 + kept],
+                    );
+                    for t in 0..kept {
+                        out[t * channels] =
+                            f32::from_bits(u32::from_le_bytes([p0[t], p1[t], p2[t], p3[t]]));
+                    }
+                }
+                KvDType::F16 | KvDType::BF16 => {
+                    let (p0, p1) = (&planes[k0..k0 + kept], &planes[n + k0..n + k0 + kept]);
+                    for t in 0..kept {
+                        let bits = u16::from_le_bytes([p0[t], p1[t]]);
+                        out[t * channels] = match dtype {
+                            KvDType::F16 => half::f16::from_bits(bits).to_f32(),
+                            _ => half::bf16::from_bits(bits).to_f32(),
+                        };
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -90,23 +90,6 @@ impl Dims {
             }
         }
     }
-
-    /// Writes `values` as group `g` of `out` (`[heads, tokens, channels]`).
-    fn scatter(&self, grouping: Grouping, g: usize, values: &[f32], out: &mut [f32]) {
-        match grouping {
-            Grouping::PerChannel => {
-                let (h, c) = (g / self.channels, g % self.channels);
-                let base = h * self.tokens * self.channels + c;
-                for (t, &v) in values.iter().enumerate() {
-                    out[base + t * self.channels] = v;
-                }
-            }
-            Grouping::PerToken | Grouping::PerHead => {
-                let len = values.len();
-                out[g * len..(g + 1) * len].copy_from_slice(values);
-            }
-        }
-    }
 }
 
 /// Encodes `x` (`[heads, tokens, channels]`) with `grouping` and `step`, appending to `out`.
@@ -175,8 +158,47 @@ pub fn encode(x: &[f32], dims: Dims, grouping: Grouping, step: f32, out: &mut Ve
     rans::encode(&symbols, &table, out);
 }
 
-/// Decodes a tensor written by [`encode`] into `out` (`[heads, tokens, channels]`).
-pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), CodecError> {
+/// Where a decoded tensor goes: an f32 buffer laid out `[heads, tokens, channels]` that may hold
+/// more tokens than the coded tensor (a whole prefix), written at tokens
+/// `token_offset..token_offset + take`. Coded tokens at or after `take` are decoded and dropped.
+#[derive(Debug)]
+pub struct Dest<'a> {
+    /// The buffer.
+    pub data: &'a mut [f32],
+    /// Tokens per head in `data`.
+    pub tokens: usize,
+    /// Where the coded tensor's first token goes.
+    pub token_offset: usize,
+    /// How many of the coded tensor's tokens to keep.
+    pub take: usize,
+}
+
+impl Dest<'_> {
+    /// Checks that `dims` (the coded tensor) fits.
+    pub(crate) fn check(&self, dims: Dims) -> Result<(), CodecError> {
+        let fits = self.take <= dims.tokens
+            && self.token_offset + self.take <= self.tokens
+            && self.data.len() == dims.heads * self.tokens * dims.channels;
+        if fits {
+            Ok(())
+        } else {
+            Err(CodecError::ShapeMismatch {
+                expected: dims.heads * self.tokens * dims.channels,
+                actual: self.data.len(),
+            })
+        }
+    }
+
+    /// Index of (head, coded token, channel).
+    #[inline]
+    fn at(&self, channels: usize, h: usize, t: usize) -> usize {
+        (h * self.tokens + self.token_offset + t) * channels
+    }
+}
+
+/// Decodes a tensor written by [`encode`] (dimensions `dims`) into `dest`, which the caller has
+/// checked with [`Dest::check`] against `dims` widened by any exact leading tokens.
+pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(), CodecError> {
     let flags = r.u8()?;
     let grouping = match flags & !FLAG_DELTA {
         0 => Grouping::PerChannel,
@@ -206,7 +228,7 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), Cod
     let mut symbols = vec![0u16; dims.len()];
     rans::decode(r, &table, &mut symbols)?;
     let delta = flags & FLAG_DELTA != 0;
-    let mut values = vec![0f32; group_len];
+    let channels = dims.channels;
     for (g, group) in symbols
         .chunks_exact(group_len.max(1))
         .enumerate()
@@ -214,18 +236,46 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, out: &mut [f32]) -> Result<(), Cod
     {
         let scale = scales[g] * step;
         let mu = mus[g];
-        if delta {
-            let mut acc = 0i32;
-            for (v, &s) in values.iter_mut().zip(group) {
-                acc += s as i32 - offset;
-                *v = mu + scale * acc as f32;
+        match grouping {
+            Grouping::PerChannel => {
+                let (h, c) = (g / channels, g % channels);
+                let base = dest.at(channels, h, 0) + c;
+                let kept = dest.take.min(group.len());
+                let data = &mut *dest.data;
+                if delta {
+                    let mut acc = 0i32;
+                    for (t, &s) in group[..kept].iter().enumerate() {
+                        acc += s as i32 - offset;
+                        data[base + t * channels] = mu + scale * acc as f32;
+                    }
+                } else {
+                    for (t, &s) in group[..kept].iter().enumerate() {
+                        data[base + t * channels] = mu + scale * (s as i32 - offset) as f32;
+                    }
+                }
             }
-        } else {
-            for (v, &s) in values.iter_mut().zip(group) {
-                *v = mu + scale * (s as i32 - offset) as f32;
+            Grouping::PerToken | Grouping::PerHead => {
+                // Groups are runs of whole token rows: `[token, channel]` within a head.
+                let (h, first_token) = match grouping {
+                    Grouping::PerToken => (g / dims.tokens, g % dims.tokens),
+                    _ => (g, 0),
+                };
+                let kept_tokens = dest
+                    .take
+                    .saturating_sub(first_token)
+                    .min(group_len / channels);
+                let kept = kept_tokens * channels;
+                let base = dest.at(channels, h, first_token);
+                let out = &mut dest.data[base..base + kept];
+                // A value depends only on the symbols before it, so decoding stops at `kept`.
+                let mut acc = 0i32;
+                for (o, &s) in out.iter_mut().zip(&group[..kept]) {
+                    let q = s as i32 - offset;
+                    acc = if delta { acc + q } else { q };
+                    *o = mu + scale * acc as f32;
+                }
             }
         }
-        dims.scatter(grouping, g, &values, out);
     }
     Ok(())
 }
