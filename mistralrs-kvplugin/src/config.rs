@@ -4,11 +4,12 @@
 //! ```toml
 //! namespace = "kvplugin"
 //! chunk_tokens = 256
-//! level = "default"            # lossless | fine | default | coarse
+//! level = "high"               # lossless | high | fine | default | coarse
 //! fetch_concurrency = 8
 //! max_pending_saves = 4
 //! load_timeout_ms = 10000
 //! min_prefix_tokens = 16
+//! read_only = false            # true: look up only, never save
 //!
 //! [store]
 //! url = "file:///var/cache/kvplugin"   # or a plain path, "memory://", "s3://bucket"
@@ -21,7 +22,7 @@
 //! ```
 //!
 //! Environment overrides (applied by [`PluginConfig::apply_env`]): `KVPLUGIN_STORE_URL`,
-//! `KVPLUGIN_S3_ENDPOINT`, `KVPLUGIN_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `KVPLUGIN_S3_ENDPOINT`, `KVPLUGIN_S3_ALLOW_HTTP`, `KVPLUGIN_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //! `KVPLUGIN_LEVEL`, `KVPLUGIN_CHUNK_TOKENS`, `KVPLUGIN_NAMESPACE`.
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -109,6 +110,8 @@ pub struct PluginConfig {
     pub load_timeout_ms: u64,
     /// Shorter prefixes are neither saved nor looked up.
     pub min_prefix_tokens: usize,
+    /// Only look up, never save.
+    pub read_only: bool,
 }
 
 impl Default for PluginConfig {
@@ -124,6 +127,7 @@ impl Default for PluginConfig {
             max_pending_saves: hook.max_pending_saves,
             load_timeout_ms: hook.load_timeout.as_millis() as u64,
             min_prefix_tokens: hook.min_prefix_tokens,
+            read_only: hook.read_only,
         }
     }
 }
@@ -161,6 +165,18 @@ impl PluginConfig {
         if let Some(v) = env("KVPLUGIN_S3_ENDPOINT") {
             self.store.endpoint = Some(v);
         }
+        if let Some(v) = env("KVPLUGIN_S3_ALLOW_HTTP") {
+            self.store.allow_http = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(bad(
+                        "store.allow_http",
+                        format!("KVPLUGIN_S3_ALLOW_HTTP=`{v}` is not true or false"),
+                    ))
+                }
+            };
+        }
         if let Some(v) = env("KVPLUGIN_S3_REGION") {
             self.store.region = Some(v);
         }
@@ -189,11 +205,15 @@ impl PluginConfig {
 
     /// Checks every field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.level()?;
-        if self.chunk_tokens == 0 || self.chunk_tokens > crate::codec::format::MAX_TOKENS {
+        let level = self.level()?;
+        if self.chunk_tokens == 0 || self.chunk_tokens > level.max_chunk_tokens() {
             return Err(bad(
                 "chunk_tokens",
-                format!("must be 1..={}", crate::codec::format::MAX_TOKENS),
+                format!(
+                    "must be 1..={} at level {}",
+                    level.max_chunk_tokens(),
+                    level.name()
+                ),
             ));
         }
         if self.fetch_concurrency == 0 {
@@ -231,7 +251,7 @@ impl PluginConfig {
             bad(
                 "level",
                 format!(
-                    "`{}` is not one of lossless, fine, default, coarse",
+                    "`{}` is not one of lossless, high, fine, default, coarse",
                     self.level
                 ),
             )
@@ -301,6 +321,7 @@ impl PluginConfig {
             max_pending_saves: self.max_pending_saves,
             load_timeout: Duration::from_millis(self.load_timeout_ms),
             min_prefix_tokens: self.min_prefix_tokens,
+            read_only: self.read_only,
         }
     }
 }
@@ -330,6 +351,9 @@ mod tests {
         let cases = [
             ("level = \"best\"", "level"),
             ("chunk_tokens = 0", "chunk_tokens"),
+            // `high`'s fine steps bound a chunk's length; `coarse` allows the same length.
+            ("chunk_tokens = 4000\nlevel = \"high\"", "chunk_tokens"),
+            ("read_only = \"yes\"", "(file)"),
             ("fetch_concurrency = 0", "fetch_concurrency"),
             ("bogus = 1", "bogus"),
             ("[store]\nurl = \"s3://a/b\"", "store.url"),
@@ -346,6 +370,12 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn long_chunks_are_fine_at_coarse_levels() {
+        let c = PluginConfig::from_toml_str("chunk_tokens = 4000\nlevel = \"coarse\"").unwrap();
+        assert_eq!(c.chunk_tokens, 4000);
     }
 
     #[test]

@@ -186,6 +186,20 @@ impl LocalEngine {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The first `n_tokens` tokens of `text`, as text (an error if it has fewer).
+    pub fn truncate_to_tokens(&self, text: &str, n_tokens: usize) -> Result<String> {
+        let ids = self.encode(text)?;
+        if ids.len() < n_tokens {
+            return Err(Error::Engine(anyhow::anyhow!(
+                "the text has {} tokens, fewer than {n_tokens}",
+                ids.len()
+            )));
+        }
+        self.tokenizer
+            .decode(&ids[..n_tokens], false)
+            .map_err(|e| Error::Engine(anyhow::anyhow!("tokenizer: {e}")))
+    }
+
     /// Greedy generation of at most `max_new_tokens` tokens after `prompt`.
     pub async fn complete(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Generation> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);

@@ -11,7 +11,7 @@
 
 use std::{
     sync::{Arc, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -19,7 +19,11 @@ use candle_core::{Device, Tensor};
 use mistralrs_core::{FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv};
 use tokio::sync::Semaphore;
 
-use crate::{fingerprint::ModelFingerprint, metrics::Metrics, store::PrefixStore};
+use crate::{
+    fingerprint::ModelFingerprint,
+    metrics::{Metrics, MetricsSnapshot},
+    store::{PrefixStore, StoreError},
+};
 
 /// Settings of a [`KvPluginHook`].
 #[derive(Debug, Clone)]
@@ -31,6 +35,8 @@ pub struct HookConfig {
     /// Prefixes shorter than this are neither saved nor looked up: below it, recomputing is cheaper
     /// than any store round trip.
     pub min_prefix_tokens: usize,
+    /// Only look up, never save (an engine that reads a cache others fill).
+    pub read_only: bool,
 }
 
 impl Default for HookConfig {
@@ -39,6 +45,7 @@ impl Default for HookConfig {
             max_pending_saves: 4,
             load_timeout: Duration::from_secs(10),
             min_prefix_tokens: 16,
+            read_only: false,
         }
     }
 }
@@ -73,6 +80,53 @@ impl KvPluginHook {
     /// The fingerprint of the model this hook is registered for, once an engine registered it.
     pub fn model_fingerprint(&self) -> Option<ModelFingerprint> {
         self.model.get().copied()
+    }
+
+    /// Waits until `n` saves have ended (written, failed or dropped), polling the counters.
+    pub async fn wait_for_saves(
+        &self,
+        n: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<MetricsSnapshot> {
+        self.wait_until(timeout, |m| {
+            m.saves + m.save_failures + m.dropped_saves >= n
+        })
+        .await
+        .map_err(|m| anyhow::anyhow!("{n} saves did not end within {timeout:?}: {m:?}"))
+    }
+
+    /// Waits until the engine reports the finished sequence of a `prompt_tokens`-token prompt
+    /// (the engine's own start-up warm-up request finishes too, with a one-token prompt).
+    pub async fn wait_for_finished(
+        &self,
+        prompt_tokens: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<MetricsSnapshot> {
+        self.wait_until(timeout, |m| m.last_prompt_tokens == prompt_tokens as u64)
+            .await
+            .map_err(|m| {
+                anyhow::anyhow!(
+                    "no finished {prompt_tokens}-token sequence within {timeout:?}: {m:?}"
+                )
+            })
+    }
+
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&MetricsSnapshot) -> bool,
+    ) -> Result<MetricsSnapshot, MetricsSnapshot> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.metrics.snapshot();
+            if done(&m) {
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                return Err(m);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn save(&self, model: ModelFingerprint, prefix: KvPrefix) {
@@ -148,7 +202,7 @@ impl KvHook for KvPluginHook {
         let Some(model) = self.model.get().copied() else {
             return;
         };
-        if finished.prefix.tokens.len() < self.config.min_prefix_tokens {
+        if self.config.read_only || finished.prefix.tokens.len() < self.config.min_prefix_tokens {
             return;
         }
         let Ok(_slot) = self.save_slots.clone().try_acquire_owned() else {
@@ -166,22 +220,50 @@ impl KvHook for KvPluginHook {
             return None;
         }
         self.metrics.lookups(1);
-        match self.store.load(&model, prompt, min_tokens).await {
-            Ok(Some(prefix)) => {
+        let started = Instant::now();
+        let loaded = tokio::time::timeout(
+            self.config.load_timeout,
+            self.store.load(&model, prompt, min_tokens),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        let failure = match loaded {
+            Ok(Ok(Some(prefix))) => {
                 self.metrics.hits(1);
                 self.metrics.hit_tokens(prefix.tokens.len() as u64);
-                Some(prefix)
+                self.metrics.load_micros(elapsed.as_micros() as u64);
+                tracing::info!(
+                    tokens = prefix.tokens.len(),
+                    load_ms = elapsed.as_secs_f64() * 1e3,
+                    "kvplugin: store hit"
+                );
+                return Some(prefix);
             }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "kvplugin: lookup failed; recomputing");
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => e,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.config.load_timeout.as_millis() as u64,
+                    "kvplugin: lookup timed out; recomputing"
+                );
                 self.metrics.lookup_failures(1);
-                None
+                self.metrics.failures_timeout(1);
+                return None;
             }
+        };
+        tracing::warn!(error = %failure, "kvplugin: lookup failed; recomputing");
+        self.metrics.lookup_failures(1);
+        match failure {
+            StoreError::Denied { .. } => self.metrics.failures_denied(1),
+            StoreError::Backend { .. } => self.metrics.failures_backend(1),
+            _ => self.metrics.failures_corrupt(1),
         }
+        None
     }
 
     fn load_timeout(&self) -> Duration {
-        self.config.load_timeout
+        // The hook enforces `load_timeout` itself (and counts it); the engine's own limit is a
+        // backstop for a lookup that does not yield.
+        self.config.load_timeout + Duration::from_secs(1)
     }
 }

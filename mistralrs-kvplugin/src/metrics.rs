@@ -10,6 +10,11 @@ pub struct Metrics {
     hits: AtomicU64,
     hit_tokens: AtomicU64,
     lookup_failures: AtomicU64,
+    failures_backend: AtomicU64,
+    failures_denied: AtomicU64,
+    failures_corrupt: AtomicU64,
+    failures_timeout: AtomicU64,
+    load_micros: AtomicU64,
     saves: AtomicU64,
     saved_tokens: AtomicU64,
     save_failures: AtomicU64,
@@ -28,8 +33,18 @@ pub struct MetricsSnapshot {
     pub hits: u64,
     /// Tokens covered by the prefixes returned.
     pub hit_tokens: u64,
-    /// Lookups that failed (counted as misses).
+    /// Lookups that failed (each one a recompute), all reasons together.
     pub lookup_failures: u64,
+    /// Failures because the backend failed (server down, network, disk).
+    pub failures_backend: u64,
+    /// Failures because the backend refused the credentials.
+    pub failures_denied: u64,
+    /// Failures because an object was corrupt, for another model, or of an unknown version.
+    pub failures_corrupt: u64,
+    /// Lookups that took longer than the load timeout.
+    pub failures_timeout: u64,
+    /// Time spent in lookups that hit (finding, fetching, decoding), in microseconds.
+    pub load_micros: u64,
     /// Prefixes written to the store.
     pub saves: u64,
     /// Tokens covered by the prefixes written.
@@ -72,6 +87,11 @@ counters!(
     hits,
     hit_tokens,
     lookup_failures,
+    failures_backend,
+    failures_denied,
+    failures_corrupt,
+    failures_timeout,
+    load_micros,
     saves,
     saved_tokens,
     save_failures,

@@ -10,6 +10,10 @@
 //! - `t-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
 //!   after that parent (the last writer wins). A later prompt that shares only part of the tail
 //!   still uses that part, so a hit covers the prompt up to where it diverges, not only whole chunks.
+//!   Tails are always coded lossless, whatever the level: they are the most recent tokens, which
+//!   the next tokens attend to most (measured with `kvplugin demo`: with `high` chunks, a lossy
+//!   tail changed the answer from its first token, an exact one kept its first 11 tokens), and
+//!   there is at most one per prefix.
 //!
 //! Every object is an envelope (magic, version, the token ids it covers) around one codec chunk;
 //! the loader checks the token ids against the prompt before using anything.
@@ -29,10 +33,11 @@ use candle_core::{DType, Device, Tensor};
 use futures::{stream, StreamExt, TryStreamExt};
 use mistralrs_core::{KvPrefix, LayerKv};
 use object_store::{path::Path, ObjectStore, PutMode, PutOptions, PutPayload};
+use rayon::prelude::*;
 
 use super::{common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError};
 use crate::{
-    codec::{self, ChunkShape, EncodeOptions, KvChunk, KvDType, Level},
+    codec::{self, ChunkShape, Dest, EncodeOptions, KvChunk, KvDType, Level, ParsedChunk},
     fingerprint::ModelFingerprint,
 };
 
@@ -57,7 +62,9 @@ impl Default for ObjectStoreConfig {
         Self {
             namespace: "kvplugin".into(),
             chunk_tokens: 256,
-            level: Level::Default,
+            // Near-lossless: answers as with the exact cache (see `Level::High`); the smaller
+            // levels are for slow links, where bytes cost more than the quality they buy.
+            level: Level::High,
             fetch_concurrency: 8,
         }
     }
@@ -84,10 +91,11 @@ pub struct ObjectPrefixStore {
 impl ObjectPrefixStore {
     /// A store writing under `config.namespace` in `store`.
     pub fn new(store: Arc<dyn ObjectStore>, config: ObjectStoreConfig) -> Result<Self, StoreError> {
-        if config.chunk_tokens == 0 || config.chunk_tokens > codec::format::MAX_TOKENS {
+        let max_tokens = config.level.max_chunk_tokens();
+        if config.chunk_tokens == 0 || config.chunk_tokens > max_tokens {
             return Err(StoreError::Config {
                 field: "chunk_tokens",
-                reason: format!("must be 1..={}", codec::format::MAX_TOKENS),
+                reason: format!("must be 1..={max_tokens} at level {}", config.level.name()),
             });
         }
         if config.fetch_concurrency == 0 {
@@ -211,8 +219,8 @@ impl ObjectPrefixStore {
         model: ModelFingerprint,
         start: usize,
         len: usize,
+        level: Level,
     ) -> Result<Vec<u8>, StoreError> {
-        let level = self.config.level;
         tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StoreError> {
             let chunk = chunk_of(&prefix, start, len)?;
             let encoded = codec::encode_with(
@@ -248,7 +256,9 @@ impl PrefixStore for ObjectPrefixStore {
             if self.exists(&path).await? {
                 continue;
             }
-            let object = self.encode_object(prefix.clone(), *model, i * c, c).await?;
+            let object = self
+                .encode_object(prefix.clone(), *model, i * c, c, self.config.level)
+                .await?;
             let len = object.len() as u64;
             if self.put(&path, object, true).await? {
                 written += len;
@@ -271,7 +281,7 @@ impl PrefixStore for ObjectPrefixStore {
             };
             if !keep_existing {
                 let object = self
-                    .encode_object(prefix.clone(), *model, n_full * c, tail)
+                    .encode_object(prefix.clone(), *model, n_full * c, tail, Level::Lossless)
                     .await?;
                 let len = object.len() as u64;
                 self.put(&path, object, false).await?;
@@ -346,50 +356,90 @@ impl PrefixStore for ObjectPrefixStore {
 }
 
 /// Decodes objects, checks their tokens, and joins them into one prefix.
+///
+/// Each tensor of the prefix (one layer's K or V) is allocated once at its full length and every
+/// chunk decodes its slice straight into it, tensors in parallel: no per-chunk buffers, no
+/// concatenation, one write per value.
 fn decode_parts(
     parts: &[(bytes::Bytes, usize)],
     expected: &[Vec<u32>],
     model: &ModelFingerprint,
     tokens: Vec<u32>,
 ) -> Result<KvPrefix, StoreError> {
-    let mut per_layer: Vec<(Vec<Tensor>, Vec<Tensor>)> = Vec::new();
-    for ((bytes, take), want) in parts.iter().zip(expected) {
-        let (object_tokens, encoded) = parse_envelope(bytes)?;
-        if object_tokens.len() < *take || object_tokens[..*take] != want[..] {
-            return Err(StoreError::Corrupt {
-                reason: "object's tokens differ from the prompt's".into(),
-            });
-        }
-        let chunk = codec::decode(encoded, model.as_bytes())?;
-        if chunk.shape().n_tokens != object_tokens.len() {
-            return Err(StoreError::Corrupt {
-                reason: "object's token count differs from its chunk's".into(),
-            });
-        }
-        let layers = tensors_of(&chunk, *take)?;
-        if per_layer.is_empty() {
-            per_layer = vec![(Vec::new(), Vec::new()); layers.len()];
-        }
-        if per_layer.len() != layers.len() {
-            return Err(StoreError::Corrupt {
-                reason: "objects disagree on the number of layers".into(),
-            });
-        }
-        for ((ks, vs), (k, v)) in per_layer.iter_mut().zip(layers) {
-            ks.push(k);
-            vs.push(v);
-        }
-    }
-    let layers = per_layer
-        .into_iter()
-        .map(|(ks, vs)| {
-            Ok(LayerKv {
-                k: Tensor::cat(&ks, 2)?,
-                v: Tensor::cat(&vs, 2)?,
-            })
+    let chunks = parts
+        .par_iter()
+        .zip(expected)
+        .map(|((bytes, take), want)| {
+            let (object_tokens, encoded) = parse_envelope(bytes)?;
+            if object_tokens.len() < *take || object_tokens[..*take] != want[..] {
+                return Err(StoreError::Corrupt {
+                    reason: "object's tokens differ from the prompt's".into(),
+                });
+            }
+            let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
+            if chunk.header().shape.n_tokens != object_tokens.len() {
+                return Err(StoreError::Corrupt {
+                    reason: "object's token count differs from its chunk's".into(),
+                });
+            }
+            Ok((chunk, *take))
         })
-        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let Some((first, _)) = chunks.first() else {
+        return Err(StoreError::InvalidPrefix {
+            reason: "no chunks to decode".into(),
+        });
+    };
+    let (shape, dtype) = (first.header().shape, first.header().dtype);
+    if chunks.iter().any(|(c, _)| {
+        let s = c.header().shape;
+        (s.n_layers, s.n_kv_heads, s.head_dim, c.header().dtype)
+            != (shape.n_layers, shape.n_kv_heads, shape.head_dim, dtype)
+    }) {
+        return Err(StoreError::Corrupt {
+            reason: "objects disagree on the model's shape or dtype".into(),
+        });
+    }
+    let n = tokens.len();
+    let per_tensor = shape.n_kv_heads * n * shape.head_dim;
+    let tensors = (0..shape.n_tensors())
+        .into_par_iter()
+        .map(|t| -> Result<Tensor, StoreError> {
+            let mut data = vec![0f32; per_tensor];
+            let mut at = 0;
+            for (chunk, take) in &chunks {
+                chunk.decode_tensor_into(
+                    t,
+                    &mut Dest {
+                        data: &mut data,
+                        tokens: n,
+                        token_offset: at,
+                        take: *take,
+                    },
+                )?;
+                at += take;
+            }
+            let tensor =
+                Tensor::from_vec(data, (1, shape.n_kv_heads, n, shape.head_dim), &Device::Cpu)?;
+            Ok(tensor.to_dtype(candle_dtype(dtype))?)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut tensors = tensors.into_iter();
+    let layers = (0..shape.n_layers)
+        .map(|_| LayerKv {
+            k: tensors.next().expect("2 tensors per layer"),
+            v: tensors.next().expect("2 tensors per layer"),
+        })
+        .collect();
     Ok(KvPrefix { tokens, layers })
+}
+
+fn candle_dtype(dtype: KvDType) -> DType {
+    match dtype {
+        KvDType::F32 => DType::F32,
+        KvDType::F16 => DType::F16,
+        KvDType::BF16 => DType::BF16,
+    }
 }
 
 fn envelope(tokens: &[u32], encoded: &[u8]) -> Vec<u8> {
@@ -470,11 +520,7 @@ pub(crate) fn tensors_of(
     take: usize,
 ) -> Result<Vec<(Tensor, Tensor)>, StoreError> {
     let s = chunk.shape();
-    let dtype = match chunk.dtype() {
-        KvDType::F32 => DType::F32,
-        KvDType::F16 => DType::F16,
-        KvDType::BF16 => DType::BF16,
-    };
+    let dtype = candle_dtype(chunk.dtype());
     let tensor = |idx: usize| -> Result<Tensor, candle_core::Error> {
         Tensor::from_vec(
             chunk.tensor_f32(idx),
