@@ -3,6 +3,7 @@
 
 pub mod baselines;
 pub mod codec;
+pub mod offload;
 
 use std::time::{Duration, Instant};
 

@@ -41,8 +41,8 @@ pub struct DemoArgs {
     /// The store folder (emptied first).
     #[arg(long, default_value = ".kvplugin/demo-store")]
     store: PathBuf,
-    /// Codec level of the stored chunks.
-    #[arg(long, default_value = "default")]
+    /// Codec level of the stored chunks (the store's default: `high`).
+    #[arg(long, default_value = "high")]
     level: String,
 }
 
@@ -58,8 +58,12 @@ struct DemoReport {
     answers_match_stock: bool,
 }
 
-const QUESTION_1: &str = "What does this license say about distributing copies of the program?";
-const QUESTION_2: &str = "What does this license say about warranty?";
+/// How long the demo waits for a save or a finished sequence to be reported.
+const WAIT: Duration = Duration::from_secs(60);
+
+pub(crate) const QUESTION_1: &str =
+    "What does this license say about distributing copies of the program?";
+pub(crate) const QUESTION_2: &str = "What does this license say about warranty?";
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -81,7 +85,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
     let stock = LocalEngine::start(EngineOptions::new(source.clone())).await?;
-    let document = truncate_to_tokens(&stock, &text, args.tokens)?;
+    let document = stock.truncate_to_tokens(&text, args.tokens)?;
     let system = format!("Answer questions about this document.\n\n{document}");
     let prompt_1 = stock.encode(&chat_prompt(&system, QUESTION_1))?;
     let prompt_2 = stock.encode(&chat_prompt(&system, QUESTION_2))?;
@@ -116,7 +120,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let engine_1 =
         LocalEngine::start(EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone())).await?;
     let cold = engine_1.complete(&prompt_1, args.max_new_tokens).await?;
-    wait_for_saves(&hook_1, 1).await?;
+    hook_1.wait_for_saves(1, WAIT).await?;
     println!(
         "   TTFT {:.2} s: {}",
         cold.ttft.as_secs_f64(),
@@ -129,7 +133,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let engine_2 =
         LocalEngine::start(EngineOptions::new(source).with_kv_hook(hook_2.clone())).await?;
     let hit = engine_2.complete(&prompt_2, args.max_new_tokens).await?;
-    let finished = wait_for_finished(&hook_2, prompt_2.len()).await?;
+    let finished = hook_2.wait_for_finished(prompt_2.len(), WAIT).await?;
     let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
     println!(
         "   TTFT {:.2} s: {}",
@@ -160,46 +164,4 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
-}
-
-/// The first `n_tokens` tokens of `text`, as text.
-fn truncate_to_tokens(engine: &LocalEngine, text: &str, n_tokens: usize) -> anyhow::Result<String> {
-    let ids = engine.encode(text)?;
-    if ids.len() < n_tokens {
-        anyhow::bail!(
-            "the document has {} tokens, fewer than {n_tokens}",
-            ids.len()
-        );
-    }
-    engine
-        .tokenizer()
-        .decode(&ids[..n_tokens], false)
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
-}
-
-async fn wait_for_saves(hook: &KvPluginHook, n: u64) -> anyhow::Result<()> {
-    for _ in 0..600 {
-        let m = hook.metrics().snapshot();
-        if m.saves + m.save_failures + m.dropped_saves >= n {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("the cache was not saved within 30 s")
-}
-
-/// Waits until the engine reports the finished sequence of a `prompt_tokens`-token prompt (the
-/// engine's own start-up warm-up request finishes too, with a one-token prompt).
-async fn wait_for_finished(
-    hook: &KvPluginHook,
-    prompt_tokens: usize,
-) -> anyhow::Result<crate::metrics::MetricsSnapshot> {
-    for _ in 0..600 {
-        let m = hook.metrics().snapshot();
-        if m.last_prompt_tokens == prompt_tokens as u64 {
-            return Ok(m);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("the engine did not report the finished sequence within 30 s")
 }

@@ -1,6 +1,9 @@
 //! The `kvplugin` command line: argument parsing and the subcommands.
 
+mod ask;
 mod demo;
+
+pub(crate) use demo::{QUESTION_1, QUESTION_2};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -34,6 +37,9 @@ enum Command {
     /// The main job: engine 1 answers a question about a long document from cold and stores the
     /// cache; a fresh engine 2 answers another question on the same document with a store hit.
     Demo(demo::DemoArgs),
+    /// One engine process answers one question about a document, with the plugin configured
+    /// from a TOML file (or stock, without it); prints the answer and the plugin's counters.
+    Ask(ask::AskArgs),
     /// Benchmarks on the real model.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -43,6 +49,9 @@ enum Command {
 enum BenchCommand {
     /// The codec's levels against zstd, 8-bit, KIVI 2-bit and LMCache's CacheGen on real KV.
     Codec(crate::bench::codec::CodecBenchArgs),
+    /// Time to first token against context length: stock full prefill, stock in-memory prefix
+    /// hit, and a store hit per codec level from each store given.
+    Offload(crate::bench::offload::OffloadBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -52,7 +61,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Convert { gguf, out, dtype } => convert(gguf, out, &dtype),
         Command::Demo(args) => demo::run(args),
+        Command::Ask(args) => ask::run(args),
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
+        Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
