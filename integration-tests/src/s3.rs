@@ -1,7 +1,10 @@
 //! Real S3 servers on 127.0.0.1 for the tests: started by the test, stopped when dropped.
 //!
-//! s3s-fs 0.14.1 (`make setup` installs it into `$KVPLUGIN_TOOLS/bin`, default
-//! `~/.cache/mistralrs-kvplugin/tools/bin`) serves a folder as S3 and checks request signatures.
+//! Both are installed by `make setup` into `$KVPLUGIN_TOOLS/bin` (default
+//! `~/.cache/mistralrs-kvplugin/tools/bin`):
+//! - s3s-fs 0.14.1 serves a folder as S3 and checks request signatures;
+//! - Garage 2.5.0, a distributed object store, here as a single node (sqlite metadata, one
+//!   zone, replication factor 1) with its own RPC secret, a bucket and an imported key.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -34,7 +37,19 @@ pub struct S3Server {
     pub access_key: String,
     /// Credentials the server accepts.
     pub secret_key: String,
+    /// The region requests are signed for.
+    pub region: String,
     _root: tempfile::TempDir,
+}
+
+/// A random byte from the OS (for a fresh Garage RPC secret per server).
+fn rand_byte() -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom");
+    b[0]
 }
 
 fn free_port() -> u16 {
@@ -75,6 +90,7 @@ impl S3Server {
             bucket,
             access_key,
             secret_key,
+            region: "us-east-1".into(),
             _root: root,
         };
         server.wait_until_listening(port);
@@ -92,12 +108,110 @@ impl S3Server {
         }
     }
 
+    /// Starts a single-node Garage over a fresh temporary folder: lays out the node, creates
+    /// bucket `kvplugin-test` and a key allowed to read and write it.
+    pub fn start_garage() -> Self {
+        let binary = tools_bin().join("garage");
+        assert!(
+            binary.is_file(),
+            "{} is missing: run `make setup`",
+            binary.display()
+        );
+        let root = tempfile::tempdir().expect("temp dir");
+        let (s3_port, rpc_port) = (free_port(), free_port());
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+        let config = root.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"metadata_dir = "{root}/meta"
+data_dir = "{root}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#,
+                root = root.path().display()
+            ),
+        )
+        .expect("garage config");
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start garage");
+        // Key ids are `GK` + 24 hex digits, secrets 64 hex digits.
+        let access_key = format!("GK{}", &secret[..24]);
+        let secret_key = secret.chars().rev().collect::<String>();
+        let server = Self {
+            child: Some(child),
+            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            bucket: "kvplugin-test".into(),
+            access_key,
+            secret_key,
+            region: "garage".into(),
+            _root: root,
+        };
+        server.wait_until_listening(rpc_port);
+        let garage = |args: &[&str]| -> String {
+            let out = Command::new(&binary)
+                .arg("-c")
+                .arg(&config)
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run garage");
+            assert!(
+                out.status.success(),
+                "garage {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let node = garage(&["node", "id", "-q"]);
+        let node = node.trim().split('@').next().expect("node id").to_string();
+        garage(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        garage(&["layout", "apply", "--version", "1"]);
+        garage(&["bucket", "create", &server.bucket]);
+        garage(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "kvplugin-test",
+            &server.access_key,
+            &server.secret_key,
+        ]);
+        garage(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            &server.bucket,
+            "--key",
+            "kvplugin-test",
+        ]);
+        server.wait_until_listening(s3_port);
+        server
+    }
+
     /// A plugin configuration pointing at this server's bucket.
     pub fn config(&self) -> PluginConfig {
         let mut config = PluginConfig::default();
         config.store.url = format!("s3://{}", self.bucket);
         config.store.endpoint = Some(self.endpoint.clone());
-        config.store.region = Some("us-east-1".into());
+        config.store.region = Some(self.region.clone());
         config.store.access_key_id = Some(self.access_key.clone());
         config.store.secret_access_key = Some(self.secret_key.clone());
         config.store.allow_http = true;

@@ -302,3 +302,80 @@ impl KvHook for FaultyHook {
         Duration::from_millis(300)
     }
 }
+
+/// A store that holds a real cache but answers lookups only after `delay`.
+struct SlowStore {
+    inner: Arc<MemoryPrefixStore>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl PrefixStore for SlowStore {
+    async fn save(
+        &self,
+        model: &mistralrs_kvplugin::ModelFingerprint,
+        prefix: KvPrefix,
+    ) -> Result<mistralrs_kvplugin::store::SaveOutcome, mistralrs_kvplugin::store::StoreError> {
+        self.inner.save(model, prefix).await
+    }
+
+    async fn load(
+        &self,
+        model: &mistralrs_kvplugin::ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+    ) -> Result<Option<KvPrefix>, mistralrs_kvplugin::store::StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.load(model, prompt, min_tokens).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slower_than_the_load_timeout_costs_a_recompute_counted_as_a_timeout() {
+    let stock = LocalEngine::start(gguf_options()).await.unwrap();
+    let doc = document(&stock, 150);
+    let prompt_a = question_prompt(&stock, &doc, "Who may copy this license?");
+    let prompt_b = question_prompt(&stock, &doc, "What does the license say about patents?");
+    let expected = stock.complete(&prompt_b, NEW_TOKENS).await.unwrap();
+    drop(stock);
+
+    // The cache is in the store (saved by engine A); the slow store serves it too late.
+    let store = Arc::new(MemoryPrefixStore::new(1 << 30));
+    let hook_a = hook_over(&store);
+    let engine_a = LocalEngine::start(gguf_options().with_kv_hook(hook_a.clone()))
+        .await
+        .unwrap();
+    engine_a.complete(&prompt_a, NEW_TOKENS).await.unwrap();
+    assert_eq!(wait_for(&hook_a, 1, 1).await.saves, 1);
+    drop(engine_a);
+
+    let slow = Arc::new(SlowStore {
+        inner: store,
+        delay: Duration::from_secs(30),
+    });
+    let hook_b = Arc::new(KvPluginHook::new(
+        slow,
+        HookConfig {
+            load_timeout: Duration::from_millis(300),
+            ..HookConfig::default()
+        },
+    ));
+    let engine_b = LocalEngine::start(gguf_options().with_kv_hook(hook_b.clone()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(25),
+        engine_b.complete(&prompt_b, NEW_TOKENS),
+    )
+    .await
+    .expect("the engine waits at most the load timeout, not the store")
+    .unwrap();
+    assert_eq!(got.tokens, expected.tokens);
+    let b = wait_for(&hook_b, 1, 1).await;
+    assert_eq!(
+        (b.hits, b.lookup_failures, b.failures_timeout),
+        (0, 1, 1),
+        "{b:?}"
+    );
+    assert_eq!(b.last_reused_tokens, 0, "recomputed from text");
+}

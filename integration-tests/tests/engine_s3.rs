@@ -73,6 +73,7 @@ async fn engines_share_a_bucket_and_survive_losing_it() {
     let c = wait_for(&hook_c, 1, 1).await;
     assert_eq!(c.hits, 0, "{c:?}");
     assert_eq!(c.lookup_failures, 1, "the failed lookup is counted: {c:?}");
+    assert_eq!(c.failures_backend, 1, "with its reason: {c:?}");
     assert_eq!(c.last_reused_tokens, 0);
     assert_eq!(c.save_failures, 1, "the failed save is counted: {c:?}");
 }

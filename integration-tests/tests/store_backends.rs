@@ -1,6 +1,6 @@
 //! The store behaviour suite against every backend: object_store's memory store, the local
-//! filesystem, and real S3 servers on 127.0.0.1 (s3s-fs; `make setup` installs it); then what
-//! needs no backend variety (dtypes, settings) and the S3 failure modes.
+//! filesystem, and real S3 servers on 127.0.0.1 (s3s-fs and a single-node Garage; `make setup`
+//! installs both); then what needs no backend variety (dtypes, settings) and the S3 failure modes.
 
 use std::sync::Arc;
 
@@ -43,9 +43,24 @@ async fn s3s_fs_backend() {
 }
 
 #[tokio::test]
+async fn garage_backend() {
+    let server = S3Server::start_garage();
+    let config = server.config();
+    behaviour_suite(config.open_backend().unwrap(), || {
+        config.open_backend().unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn wrong_credentials_are_a_clear_error() {
+    for server in [S3Server::start_s3s_fs(), S3Server::start_garage()] {
+        wrong_credentials_are_denied(server).await;
+    }
+}
+
+async fn wrong_credentials_are_denied(server: S3Server) {
     use mistralrs_kvplugin::store::StoreError;
-    let server = S3Server::start_s3s_fs();
     let mut config = server.config();
     config.store.secret_access_key = Some("not-the-secret".into());
     let store = config.build_store().unwrap();
