@@ -61,6 +61,23 @@ fn codec_levels(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("decode", level.name()), |b| {
             b.iter(|| pool.install(|| codec::decode(&encoded, &model).unwrap()))
         });
+        // The store's path: every tensor decoded straight into (here, reused) f32 buffers.
+        group.bench_function(BenchmarkId::new("decode-into", level.name()), |b| {
+            let shape = chunk.shape();
+            let mut buffers = vec![vec![0f32; shape.tensor_len()]; shape.n_tensors()];
+            b.iter(|| {
+                let parsed = codec::ParsedChunk::parse(&encoded, &model).unwrap();
+                for (t, data) in buffers.iter_mut().enumerate() {
+                    let mut dest = codec::Dest {
+                        data,
+                        tokens: shape.n_tokens,
+                        token_offset: 0,
+                        take: shape.n_tokens,
+                    };
+                    parsed.decode_tensor_into(t, &mut dest).unwrap();
+                }
+            })
+        });
     }
     group.finish();
 }
