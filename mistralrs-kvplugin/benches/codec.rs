@@ -2,8 +2,17 @@
 //! SmolLM2-135M's shape (30 layers, 3 KV heads of 64) at every level, and the raw rANS coder.
 //! Throughput is reported in bytes of 16-bit KV (2 bytes a value), the unit of the codec targets.
 //! The data is synthetic but KV-like (per-channel offsets and outlier channels, smooth along
-//! tokens); `kvplugin bench codec` measures the same on the real model's cache.
+//! tokens); `kvplugin bench codec` measures the same on the real model's cache. The `rans` group
+//! compares our coder with `constriction`'s ANS coder on the same symbols.
 
+use constriction::{
+    stream::{
+        model::{DefaultContiguousCategoricalEntropyModel, SmallContiguousCategoricalEntropyModel},
+        stack::{DefaultAnsCoder, SmallAnsCoder},
+        Decode,
+    },
+    UnwrapInfallible,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mistralrs_kvplugin::codec::{
     self,
@@ -111,6 +120,61 @@ fn rans_coder(c: &mut Criterion) {
     group.bench_function("decode", |b| {
         let mut out = vec![0u16; n];
         b.iter(|| rans::decode(&mut Reader::new(&stream), &table, &mut out).unwrap())
+    });
+
+    // The well-kept alternative: constriction's ANS coder with a categorical model of the same
+    // distribution, both its presets (24-bit probabilities on 32-bit words, and 12-bit
+    // probabilities on 16-bit words, the precision of ours).
+    let total: f64 = counts.iter().map(|&c| c as f64).sum();
+    let probabilities: Vec<f64> = counts.iter().map(|&c| c as f64 / total).collect();
+    let message: Vec<usize> = symbols.iter().map(|&s| s as usize).collect();
+    let default_model =
+        DefaultContiguousCategoricalEntropyModel::from_floating_point_probabilities_fast(
+            &probabilities,
+            None,
+        )
+        .unwrap();
+    let small_model = SmallContiguousCategoricalEntropyModel::from_floating_point_probabilities_fast(
+        &probabilities,
+        None,
+    )
+    .unwrap();
+    group.bench_function("constriction-default-encode", |b| {
+        b.iter(|| {
+            let mut coder = DefaultAnsCoder::new();
+            coder
+                .encode_iid_symbols_reverse(message.iter().copied(), default_model.as_view())
+                .unwrap();
+            coder.into_compressed().unwrap_infallible()
+        })
+    });
+    let mut coder = DefaultAnsCoder::new();
+    coder
+        .encode_iid_symbols_reverse(message.iter().copied(), default_model.as_view())
+        .unwrap();
+    let compressed = coder.into_compressed().unwrap_infallible();
+    group.bench_function("constriction-default-decode", |b| {
+        b.iter(|| {
+            let mut decoder = DefaultAnsCoder::from_compressed(compressed.clone()).unwrap();
+            decoder
+                .decode_iid_symbols(n, default_model.as_view())
+                .map(UnwrapInfallible::unwrap_infallible)
+                .fold(0usize, |acc, s| acc ^ s)
+        })
+    });
+    let mut coder = SmallAnsCoder::new();
+    coder
+        .encode_iid_symbols_reverse(message.iter().copied(), small_model.as_view())
+        .unwrap();
+    let compressed = coder.into_compressed().unwrap_infallible();
+    group.bench_function("constriction-small-decode", |b| {
+        b.iter(|| {
+            let mut decoder = SmallAnsCoder::from_compressed(compressed.clone()).unwrap();
+            decoder
+                .decode_iid_symbols(n, small_model.as_view())
+                .map(UnwrapInfallible::unwrap_infallible)
+                .fold(0usize, |acc, s| acc ^ s)
+        })
     });
     group.finish();
 }

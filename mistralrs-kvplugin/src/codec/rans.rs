@@ -2,7 +2,9 @@
 //!
 //! Why hand-written: decoding must run at well over 500 M symbols/s per core to meet the codec's
 //! 1 GB/s (of 16-bit KV) target, and a generic coder with a pluggable model does not get there;
-//! `benches/codec.rs` measures this coder against `constriction`'s ANS coder on the same symbols.
+//! `benches/codec.rs` measures this coder against `constriction`'s ANS coder on the same symbols
+//! (one thread, this project's machine: decode 427 M symbols/s against 79 M/s for constriction's
+//! categorical model at either preset, encode 290 M/s against 219 M/s).
 //!
 //! Scheme (Duda's rANS, "rans_word" variant): 32-bit states kept in `[2^16, 2^32)`, 16-bit
 //! renormalisation words, probabilities quantised to [`PROB_BITS`] bits. Symbol `i` uses state
