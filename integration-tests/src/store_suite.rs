@@ -111,6 +111,18 @@ pub async fn behaviour_suite(
         SaveOutcome::AlreadyPresent
     );
 
+    // A shorter prefix of the same tokens leaves the longer tail in place (only the tail's
+    // token ids are read to decide).
+    assert_eq!(
+        store
+            .save(&m, prefix(&saved_tokens[..196], 0.0))
+            .await
+            .unwrap(),
+        SaveOutcome::AlreadyPresent
+    );
+    let hit = store.load(&m, &prompt, 0).await.unwrap().expect("hit");
+    assert_eq!(hit.tokens.len(), 200, "the longer tail is still there");
+
     // The prompt itself leaves its last token to the engine.
     let hit = store
         .load(&m, &saved_tokens, 0)

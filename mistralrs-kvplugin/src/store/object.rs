@@ -32,7 +32,9 @@ use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use futures::{stream, StreamExt, TryStreamExt};
 use mistralrs_core::{KvPrefix, LayerKv};
-use object_store::{path::Path, ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{
+    path::Path, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload,
+};
 use rayon::prelude::*;
 
 use super::{common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError};
@@ -178,6 +180,31 @@ impl ObjectPrefixStore {
         }
     }
 
+    /// The token ids in the envelope of the object at `path`, read with one ranged request (the
+    /// envelope's header and at most a chunk's worth of ids; a shorter object comes back whole).
+    async fn envelope_tokens(&self, path: &Path) -> Result<Option<Vec<u32>>, StoreError> {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(
+                0..(ENVELOPE_HEADER + 4 * self.config.chunk_tokens) as u64,
+            )),
+            ..Default::default()
+        };
+        match self.store.get_opts(path, opts).await {
+            Ok(result) => {
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(StoreError::from_object_store)?;
+                self.counters
+                    .bytes_read
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(Some(parse_envelope_tokens(&bytes)?))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::from_object_store(e)),
+        }
+    }
+
     async fn put(&self, path: &Path, bytes: Vec<u8>, create: bool) -> Result<bool, StoreError> {
         let len = bytes.len() as u64;
         let opts = PutOptions {
@@ -270,13 +297,12 @@ impl PrefixStore for ObjectPrefixStore {
         let tail = n - n_full * c;
         if tail > 0 {
             let path = self.tail_path(model, &hashes[n_full]);
-            // Keep the longer tail: a shorter prefix must not replace a longer one's.
-            let keep_existing = match self.get(&path).await {
-                Ok(Some(bytes)) => parse_envelope(&bytes)
-                    .map(|(tokens, _)| {
-                        tokens.len() >= tail && tokens[..tail] == prefix.tokens[n_full * c..]
-                    })
-                    .unwrap_or(false),
+            // Keep the longer tail: a shorter prefix must not replace a longer one's. Only the
+            // envelope's token ids are read, not the whole object.
+            let keep_existing = match self.envelope_tokens(&path).await {
+                Ok(Some(tokens)) => {
+                    tokens.len() >= tail && tokens[..tail] == prefix.tokens[n_full * c..]
+                }
                 _ => false,
             };
             if !keep_existing {
@@ -443,7 +469,7 @@ fn candle_dtype(dtype: KvDType) -> DType {
 }
 
 fn envelope(tokens: &[u32], encoded: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10 + 4 * tokens.len() + encoded.len());
+    let mut out = Vec::with_capacity(ENVELOPE_HEADER + 4 * tokens.len() + encoded.len());
     out.extend_from_slice(&ENVELOPE_MAGIC);
     out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
     out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
@@ -454,10 +480,22 @@ fn envelope(tokens: &[u32], encoded: &[u8]) -> Vec<u8> {
     out
 }
 
-fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
+/// Bytes of an envelope before its token ids: magic, version, token count.
+const ENVELOPE_HEADER: usize = 10;
+
+/// The token ids of an envelope, from a prefix of the object that holds at least all of them.
+fn parse_envelope_tokens(bytes: &[u8]) -> Result<Vec<u32>, StoreError> {
     let mut r = codec::reader::Reader::new(bytes);
-    let magic = r.bytes(4)?;
-    if magic != ENVELOPE_MAGIC {
+    check_envelope_header(&mut r)?;
+    let n = r.u32()? as usize;
+    Ok(r.bytes(n.saturating_mul(4))?
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+fn check_envelope_header(r: &mut codec::reader::Reader<'_>) -> Result<(), StoreError> {
+    if r.bytes(4)? != ENVELOPE_MAGIC {
         return Err(StoreError::Corrupt {
             reason: "not a kvplugin object".into(),
         });
@@ -468,6 +506,12 @@ fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
             reason: format!("object envelope version {version}"),
         });
     }
+    Ok(())
+}
+
+fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
+    let mut r = codec::reader::Reader::new(bytes);
+    check_envelope_header(&mut r)?;
     let n = r.u32()? as usize;
     let tokens = r
         .bytes(n.saturating_mul(4))?
