@@ -10,10 +10,12 @@
 
 mod memory;
 mod object;
+pub mod shaped;
 
 pub use memory::MemoryPrefixStore;
 pub(crate) use object::{chunk_of, tensors_of};
 pub use object::{ObjectPrefixStore, ObjectStoreConfig, ObjectStoreCounters};
+pub use shaped::{BandwidthTrace, ShapedStore, TraceClock};
 
 use async_trait::async_trait;
 use mistralrs_core::KvPrefix;
