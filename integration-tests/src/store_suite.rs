@@ -15,7 +15,8 @@ use object_store::{path::Path, ObjectStore};
 const LAYERS: usize = 3;
 const HEADS: usize = 2;
 const DIM: usize = 8;
-const CHUNK: usize = 64;
+/// Tokens per chunk of the suite's stores.
+pub const CHUNK: usize = 64;
 
 /// A made-up model fingerprint.
 pub fn model(n: u8) -> ModelFingerprint {
@@ -47,7 +48,8 @@ pub fn tokens(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7 + salt) % 1000).collect()
 }
 
-fn max_diff(a: &KvPrefix, b: &KvPrefix, n: usize) -> f32 {
+/// Largest absolute difference between the first `n` tokens of two prefixes, over every tensor.
+pub fn max_diff(a: &KvPrefix, b: &KvPrefix, n: usize) -> f32 {
     let mut max = 0f32;
     for (x, y) in a.layers.iter().zip(&b.layers) {
         for (s, t) in [(&x.k, &y.k), (&x.v, &y.v)] {

@@ -134,3 +134,58 @@ async fn invalid_settings_name_the_field() {
     .unwrap();
     assert!(err.to_string().contains("chunk_tokens"), "{err}");
 }
+
+#[tokio::test]
+async fn chunks_written_at_several_levels_are_read_at_any_of_them() {
+    use futures::TryStreamExt;
+    use integration_tests::store_suite::{max_diff, CHUNK};
+    let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let writer = ObjectPrefixStore::new(
+        backend.clone(),
+        ObjectStoreConfig {
+            chunk_tokens: CHUNK,
+            level: Level::High,
+            extra_levels: vec![Level::Coarse, Level::High, Level::Default],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = model(1);
+    let saved_tokens = tokens(200, 0);
+    let saved = prefix(&saved_tokens, 0.0);
+    writer.save(&m, saved.clone()).await.unwrap();
+    let objects: Vec<_> = backend.list(None).try_collect().await.unwrap();
+    let full = 200 / CHUNK;
+    assert_eq!(
+        objects.len(),
+        3 * full + 1,
+        "every full chunk once per distinct level, the tail once"
+    );
+
+    let mut prompt = saved_tokens.clone();
+    prompt.push(1);
+    let mut errors = Vec::new();
+    for level in [Level::High, Level::Default, Level::Coarse] {
+        let hit = writer
+            .load_at(&m, &prompt, 0, level)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("a hit at {level:?}"));
+        assert_eq!(hit.tokens, saved_tokens, "{level:?}");
+        errors.push(max_diff(&hit, &saved, full * CHUNK));
+    }
+    assert!(
+        0.0 < errors[0] && errors[0] < errors[1] && errors[1] < errors[2],
+        "coarser levels err more: {errors:?}"
+    );
+    // A level that was not written is a miss, not an error.
+    assert!(writer
+        .load_at(&m, &prompt, 0, Level::Fine)
+        .await
+        .unwrap()
+        .is_none());
+    // A store whose main level is one of the extra levels reads them as its own.
+    let coarse = store_over(backend, Level::Coarse);
+    let hit = coarse.load(&m, &prompt, 0).await.unwrap().expect("hit");
+    assert_eq!(max_diff(&hit, &saved, full * CHUNK), errors[2]);
+}

@@ -134,11 +134,12 @@ fn rans_coder(c: &mut Criterion) {
             None,
         )
         .unwrap();
-    let small_model = SmallContiguousCategoricalEntropyModel::from_floating_point_probabilities_fast(
-        &probabilities,
-        None,
-    )
-    .unwrap();
+    let small_model =
+        SmallContiguousCategoricalEntropyModel::from_floating_point_probabilities_fast(
+            &probabilities,
+            None,
+        )
+        .unwrap();
     group.bench_function("constriction-default-encode", |b| {
         b.iter(|| {
             let mut coder = DefaultAnsCoder::new();

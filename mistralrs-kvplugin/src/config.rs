@@ -5,6 +5,7 @@
 //! namespace = "kvplugin"
 //! chunk_tokens = 256
 //! level = "high"               # lossless | high | fine | default | coarse
+//! extra_levels = []            # e.g. ["default", "coarse"]: chunks also written at these
 //! fetch_concurrency = 8
 //! max_pending_saves = 4
 //! load_timeout_ms = 10000
@@ -100,8 +101,10 @@ pub struct PluginConfig {
     pub namespace: String,
     /// Tokens per stored chunk.
     pub chunk_tokens: usize,
-    /// Codec level written.
+    /// Codec level written, and read by plain lookups.
     pub level: String,
+    /// Further levels every full chunk is also written at (for loaders that choose per chunk).
+    pub extra_levels: Vec<String>,
     /// Chunks fetched at once.
     pub fetch_concurrency: usize,
     /// Saves in flight at once; further ones are dropped and counted.
@@ -123,6 +126,7 @@ impl Default for PluginConfig {
             namespace: store.namespace,
             chunk_tokens: store.chunk_tokens,
             level: store.level.name().into(),
+            extra_levels: Vec::new(),
             fetch_concurrency: store.fetch_concurrency,
             max_pending_saves: hook.max_pending_saves,
             load_timeout_ms: hook.load_timeout.as_millis() as u64,
@@ -206,15 +210,17 @@ impl PluginConfig {
     /// Checks every field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let level = self.level()?;
-        if self.chunk_tokens == 0 || self.chunk_tokens > level.max_chunk_tokens() {
-            return Err(bad(
-                "chunk_tokens",
-                format!(
-                    "must be 1..={} at level {}",
-                    level.max_chunk_tokens(),
-                    level.name()
-                ),
-            ));
+        for level in std::iter::once(level).chain(self.extra_levels()?) {
+            if self.chunk_tokens == 0 || self.chunk_tokens > level.max_chunk_tokens() {
+                return Err(bad(
+                    "chunk_tokens",
+                    format!(
+                        "must be 1..={} at level {}",
+                        level.max_chunk_tokens(),
+                        level.name()
+                    ),
+                ));
+            }
         }
         if self.fetch_concurrency == 0 {
             return Err(bad("fetch_concurrency", "must be at least 1"));
@@ -256,6 +262,17 @@ impl PluginConfig {
                 ),
             )
         })
+    }
+
+    /// The extra levels.
+    pub fn extra_levels(&self) -> Result<Vec<Level>, ConfigError> {
+        self.extra_levels
+            .iter()
+            .map(|name| {
+                Level::from_name(name)
+                    .ok_or_else(|| bad("extra_levels", format!("unknown level `{name}`")))
+            })
+            .collect()
     }
 
     /// Opens the backend the store settings describe.
@@ -309,6 +326,7 @@ impl PluginConfig {
                 namespace: self.namespace.clone(),
                 chunk_tokens: self.chunk_tokens,
                 level: self.level()?,
+                extra_levels: self.extra_levels()?,
                 fetch_concurrency: self.fetch_concurrency,
             },
         )
@@ -354,6 +372,11 @@ mod tests {
             // `high`'s fine steps bound a chunk's length; `coarse` allows the same length.
             ("chunk_tokens = 4000\nlevel = \"high\"", "chunk_tokens"),
             ("read_only = \"yes\"", "(file)"),
+            ("extra_levels = [\"tiny\"]", "extra_levels"),
+            (
+                "chunk_tokens = 4000\nlevel = \"coarse\"\nextra_levels = [\"high\"]",
+                "chunk_tokens",
+            ),
             ("fetch_concurrency = 0", "fetch_concurrency"),
             ("bogus = 1", "bogus"),
             ("[store]\nurl = \"s3://a/b\"", "store.url"),

@@ -53,8 +53,11 @@ pub struct ObjectStoreConfig {
     pub namespace: String,
     /// Tokens per chunk.
     pub chunk_tokens: usize,
-    /// Codec level written.
+    /// Codec level written, and read by [`PrefixStore::load`].
     pub level: Level,
+    /// Further levels every full chunk is also written at, for loaders that choose a level per
+    /// chunk ([`ObjectPrefixStore::load_at`]); tails are written once, lossless.
+    pub extra_levels: Vec<Level>,
     /// Chunks fetched at once.
     pub fetch_concurrency: usize,
 }
@@ -67,6 +70,7 @@ impl Default for ObjectStoreConfig {
             // Near-lossless: answers as with the exact cache (see `Level::High`); the smaller
             // levels are for slow links, where bytes cost more than the quality they buy.
             level: Level::High,
+            extra_levels: Vec::new(),
             fetch_concurrency: 8,
         }
     }
@@ -93,12 +97,14 @@ pub struct ObjectPrefixStore {
 impl ObjectPrefixStore {
     /// A store writing under `config.namespace` in `store`.
     pub fn new(store: Arc<dyn ObjectStore>, config: ObjectStoreConfig) -> Result<Self, StoreError> {
-        let max_tokens = config.level.max_chunk_tokens();
-        if config.chunk_tokens == 0 || config.chunk_tokens > max_tokens {
-            return Err(StoreError::Config {
-                field: "chunk_tokens",
-                reason: format!("must be 1..={max_tokens} at level {}", config.level.name()),
-            });
+        for level in std::iter::once(config.level).chain(config.extra_levels.iter().copied()) {
+            let max_tokens = level.max_chunk_tokens();
+            if config.chunk_tokens == 0 || config.chunk_tokens > max_tokens {
+                return Err(StoreError::Config {
+                    field: "chunk_tokens",
+                    reason: format!("must be 1..={max_tokens} at level {}", level.name()),
+                });
+            }
         }
         if config.fetch_concurrency == 0 {
             return Err(StoreError::Config {
@@ -122,12 +128,23 @@ impl ObjectPrefixStore {
         format!("{}/v1/{}", self.config.namespace, &model.to_hex()[..32])
     }
 
-    fn chunk_path(&self, model: &ModelFingerprint, hash: &blake3::Hash) -> Path {
+    /// Every level full chunks are written at: the main level first, no level twice.
+    fn levels_written(&self) -> Vec<Level> {
+        let mut levels = vec![self.config.level];
+        for &level in &self.config.extra_levels {
+            if !levels.contains(&level) {
+                levels.push(level);
+            }
+        }
+        levels
+    }
+
+    fn chunk_path(&self, model: &ModelFingerprint, hash: &blake3::Hash, level: Level) -> Path {
         Path::from(format!(
             "{}/c-{}.{}",
             self.root(model),
             &hash.to_hex()[..32],
-            self.config.level.name()
+            level.name()
         ))
     }
 
@@ -279,19 +296,21 @@ impl PrefixStore for ObjectPrefixStore {
             2 * prefix.layers.len() * prefix.layers[0].k.dims()[1] * prefix.layers[0].k.dims()[3];
         let mut written = 0u64;
         for i in 0..n_full {
-            let path = self.chunk_path(model, &hashes[i + 1]);
-            if self.exists(&path).await? {
-                continue;
-            }
-            let object = self
-                .encode_object(prefix.clone(), *model, i * c, c, self.config.level)
-                .await?;
-            let len = object.len() as u64;
-            if self.put(&path, object, true).await? {
-                written += len;
-                self.counters
-                    .raw_16bit_bytes_written
-                    .fetch_add((c * values_per_token * 2) as u64, Ordering::Relaxed);
+            for level in self.levels_written() {
+                let path = self.chunk_path(model, &hashes[i + 1], level);
+                if self.exists(&path).await? {
+                    continue;
+                }
+                let object = self
+                    .encode_object(prefix.clone(), *model, i * c, c, level)
+                    .await?;
+                let len = object.len() as u64;
+                if self.put(&path, object, true).await? {
+                    written += len;
+                    self.counters
+                        .raw_16bit_bytes_written
+                        .fetch_add((c * values_per_token * 2) as u64, Ordering::Relaxed);
+                }
             }
         }
         let tail = n - n_full * c;
@@ -330,6 +349,21 @@ impl PrefixStore for ObjectPrefixStore {
         prompt: &[u32],
         min_tokens: usize,
     ) -> Result<Option<KvPrefix>, StoreError> {
+        self.load_at(model, prompt, min_tokens, self.config.level)
+            .await
+    }
+}
+
+impl ObjectPrefixStore {
+    /// [`PrefixStore::load`] reading full chunks at `level` (the main level or one of the extra
+    /// levels they were also written at; chunks missing at that level end the hit there).
+    pub async fn load_at(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        level: Level,
+    ) -> Result<Option<KvPrefix>, StoreError> {
         let c = self.config.chunk_tokens;
         let usable = prompt.len().saturating_sub(1);
         let max_full = usable / c;
@@ -337,7 +371,7 @@ impl PrefixStore for ObjectPrefixStore {
         // Fetch the run of full chunks in order, a few at a time, up to the first miss.
         let fetched: Vec<Option<bytes::Bytes>> = stream::iter(0..max_full)
             .map(|i| {
-                let path = self.chunk_path(model, &hashes[i + 1]);
+                let path = self.chunk_path(model, &hashes[i + 1], level);
                 async move { self.get(&path).await }
             })
             .buffered(self.config.fetch_concurrency)
