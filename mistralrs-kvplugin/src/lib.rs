@@ -26,6 +26,7 @@ pub mod hook;
 pub mod metrics;
 pub mod model;
 pub mod store;
+pub mod stream;
 
 pub use error::{Error, Result};
 pub use fingerprint::ModelFingerprint;
