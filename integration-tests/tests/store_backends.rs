@@ -153,8 +153,19 @@ async fn chunks_written_at_several_levels_are_read_at_any_of_them() {
     let m = model(1);
     let saved_tokens = tokens(200, 0);
     let saved = prefix(&saved_tokens, 0.0);
+    assert_eq!(writer.counters().compression_ratio(), None);
     writer.save(&m, saved.clone()).await.unwrap();
     let objects: Vec<_> = backend.list(None).try_collect().await.unwrap();
+    let stored: u64 = objects.iter().map(|o| o.size).sum();
+    let ratio = writer.counters().compression_ratio().expect("written");
+    let raw = std::sync::atomic::AtomicU64::load(
+        &writer.counters().raw_16bit_bytes_written,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    assert!(
+        (ratio - raw as f64 / stored as f64).abs() < 1e-9,
+        "the ratio is 16-bit bytes over the bytes the backend holds"
+    );
     let full = 200 / CHUNK;
     assert_eq!(
         objects.len(),

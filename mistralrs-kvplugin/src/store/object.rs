@@ -87,6 +87,16 @@ pub struct ObjectStoreCounters {
     pub raw_16bit_bytes_written: AtomicU64,
 }
 
+impl ObjectStoreCounters {
+    /// Compression ratio of what was written, against 16-bit KV (above 1: smaller than 16-bit);
+    /// `None` before anything was written.
+    pub fn compression_ratio(&self) -> Option<f64> {
+        let written = self.bytes_written.load(Ordering::Relaxed);
+        let raw = self.raw_16bit_bytes_written.load(Ordering::Relaxed);
+        (written > 0).then(|| raw as f64 / written as f64)
+    }
+}
+
 /// A [`PrefixStore`] over an [`ObjectStore`].
 pub struct ObjectPrefixStore {
     store: Arc<dyn ObjectStore>,
