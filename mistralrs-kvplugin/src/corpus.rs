@@ -37,6 +37,15 @@ pub fn default_document() -> Result<PathBuf> {
     })
 }
 
+/// The text of `path`, or of the default document when there is none (what every `--text`
+/// option means).
+pub fn text_or_default(path: Option<&Path>) -> Result<String> {
+    match path {
+        Some(p) => read_text(p),
+        None => read_text(&default_document()?),
+    }
+}
+
 /// Reads a text file, replacing invalid UTF-8.
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::ModelFile {

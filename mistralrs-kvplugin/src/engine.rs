@@ -279,6 +279,15 @@ pub fn chat_prompt(system: &str, user: &str) -> String {
     )
 }
 
+/// A chat prompt asking `question` about `document` (the prompt the demo, `kvplugin ask` and the
+/// end-to-end tests use).
+pub fn document_prompt(document: &str, question: &str) -> String {
+    chat_prompt(
+        &format!("Answer questions about this document.\n\n{document}"),
+        question,
+    )
+}
+
 fn split_file(path: &std::path::Path) -> Result<(String, String)> {
     let bad = |reason: &str| Error::ModelFile {
         path: path.to_path_buf(),

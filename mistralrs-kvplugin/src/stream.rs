@@ -34,8 +34,13 @@ pub struct ChunkOffer {
 }
 
 impl ChunkOffer {
-    fn smallest(&self) -> u64 {
-        self.levels.iter().map(|&(_, b)| b).min().unwrap_or(0)
+    /// The smallest level on offer and its bytes.
+    fn smallest(&self) -> (Level, u64) {
+        self.levels
+            .iter()
+            .min_by_key(|&&(_, b)| b)
+            .copied()
+            .expect("a chunk offers at least one level")
     }
 }
 
@@ -118,7 +123,7 @@ impl StreamPlanner {
         let rest: f64 = later
             .iter()
             .map(|c| {
-                self.fetch_secs(c.smallest())
+                self.fetch_secs(c.smallest().1)
                     .min(self.prefill_secs(c.tokens))
             })
             .sum::<f64>()
@@ -131,16 +136,11 @@ impl StreamPlanner {
         if let Some(&(level, _)) = next.levels.iter().find(|&&(_, bytes)| fits(bytes)) {
             return Choice::Fetch(level);
         }
-        let smallest = next
-            .levels
-            .iter()
-            .min_by_key(|&&(_, b)| b)
-            .copied()
-            .expect("a chunk offers at least one level");
-        if text_secs < self.fetch_secs(smallest.1) {
+        let (level, bytes) = next.smallest();
+        if text_secs < self.fetch_secs(bytes) {
             Choice::Text
         } else {
-            Choice::Fetch(smallest.0)
+            Choice::Fetch(level)
         }
     }
 }

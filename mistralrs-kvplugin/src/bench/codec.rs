@@ -105,10 +105,7 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| model::smollm2_hf(&model::models_dir()));
-    let text = corpus::read_text(&match &args.text {
-        Some(p) => p.clone(),
-        None => corpus::default_document()?,
-    })?;
+    let text = corpus::text_or_default(args.text.as_deref())?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     let (tokens, engine_kv) = runtime.block_on(capture_engine_kv(&model_dir, &text, &args))?;

@@ -162,11 +162,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         .map(|n| Level::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown level `{n}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let source = ModelSource::HfDir(model::smollm2_hf(&model::models_dir()));
-    let text_path = match &args.text {
-        Some(p) => p.clone(),
-        None => corpus::default_document()?,
-    };
-    let text = corpus::read_text(&text_path)?;
+    let text = corpus::text_or_default(args.text.as_deref())?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     let namespace = format!("kvplugin-bench-{stamp}");
 

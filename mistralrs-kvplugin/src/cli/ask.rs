@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::{
     config::PluginConfig,
     corpus,
-    engine::{chat_prompt, EngineOptions, LocalEngine, ModelSource},
+    engine::{document_prompt, EngineOptions, LocalEngine, ModelSource},
     hook::KvPluginHook,
     metrics::MetricsSnapshot,
     model,
@@ -32,15 +32,8 @@ pub struct AskArgs {
     /// Run stock mistral.rs, without the plugin.
     #[arg(long)]
     no_plugin: bool,
-    /// The document [default: the GNU GPL v3 shipped with the OS].
-    #[arg(long)]
-    text: Option<PathBuf>,
-    /// Tokens of the document to use.
-    #[arg(long, default_value_t = 3000)]
-    tokens: usize,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 40)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    document: super::DocumentArgs,
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -68,11 +61,7 @@ pub fn run(args: AskArgs) -> anyhow::Result<()> {
 
 async fn run_async(args: AskArgs) -> anyhow::Result<()> {
     let source = ModelSource::HfDir(model::smollm2_hf(&model::models_dir()));
-    let text_path = match &args.text {
-        Some(p) => p.clone(),
-        None => corpus::default_document()?,
-    };
-    let text = corpus::read_text(&text_path)?;
+    let text = corpus::text_or_default(args.document.text.as_deref())?;
     let hook = if args.no_plugin {
         None
     } else {
@@ -85,9 +74,10 @@ async fn run_async(args: AskArgs) -> anyhow::Result<()> {
             }
         };
         let store = Arc::new(config.build_store()?);
+        let hook_config = config.hook_config();
         Some((
-            Arc::new(KvPluginHook::new(store, config.hook_config())),
-            config.hook_config(),
+            Arc::new(KvPluginHook::new(store, hook_config.clone())),
+            hook_config,
         ))
     };
     let mut options = EngineOptions::new(source);
@@ -95,10 +85,11 @@ async fn run_async(args: AskArgs) -> anyhow::Result<()> {
         options = options.with_kv_hook(hook.clone());
     }
     let engine = LocalEngine::start(options).await?;
-    let document = engine.truncate_to_tokens(&text, args.tokens)?;
-    let system = format!("Answer questions about this document.\n\n{document}");
-    let prompt = engine.encode(&chat_prompt(&system, &args.question))?;
-    let answer = engine.complete(&prompt, args.max_new_tokens).await?;
+    let document = engine.truncate_to_tokens(&text, args.document.tokens)?;
+    let prompt = engine.encode(&document_prompt(&document, &args.question))?;
+    let answer = engine
+        .complete(&prompt, args.document.max_new_tokens)
+        .await?;
     let metrics = match &hook {
         Some((hook, config)) => {
             let finished = hook.wait_for_finished(prompt.len(), WAIT).await?;

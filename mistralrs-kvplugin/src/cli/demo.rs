@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     codec::Level,
     corpus,
-    engine::{chat_prompt, EngineOptions, LocalEngine, ModelSource},
+    engine::{document_prompt, EngineOptions, LocalEngine, ModelSource},
     hook::{HookConfig, KvPluginHook},
     model,
     store::{ObjectPrefixStore, ObjectStoreConfig},
@@ -23,15 +23,8 @@ use crate::{
 /// Arguments of `kvplugin demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// The document [default: the GNU GPL v3 shipped with the OS].
-    #[arg(long)]
-    text: Option<PathBuf>,
-    /// Tokens of the document to use.
-    #[arg(long, default_value_t = 3000)]
-    tokens: usize,
-    /// Tokens to generate per answer.
-    #[arg(long, default_value_t = 40)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    document: super::DocumentArgs,
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -77,20 +70,19 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         "hf" => ModelSource::HfDir(model::smollm2_hf(&model::models_dir())),
         other => anyhow::bail!("--model must be gguf or hf, not `{other}`"),
     };
-    let text_path = match args.text {
-        Some(p) => p,
-        None => corpus::default_document()?,
-    };
-    let text = corpus::read_text(&text_path)?;
+    let text = corpus::text_or_default(args.document.text.as_deref())?;
 
     println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
     let stock = LocalEngine::start(EngineOptions::new(source.clone())).await?;
-    let document = stock.truncate_to_tokens(&text, args.tokens)?;
-    let system = format!("Answer questions about this document.\n\n{document}");
-    let prompt_1 = stock.encode(&chat_prompt(&system, QUESTION_1))?;
-    let prompt_2 = stock.encode(&chat_prompt(&system, QUESTION_2))?;
-    let stock_1 = stock.complete(&prompt_1, args.max_new_tokens).await?;
-    let stock_2 = stock.complete(&prompt_2, args.max_new_tokens).await?;
+    let document = stock.truncate_to_tokens(&text, args.document.tokens)?;
+    let prompt_1 = stock.encode(&document_prompt(&document, QUESTION_1))?;
+    let prompt_2 = stock.encode(&document_prompt(&document, QUESTION_2))?;
+    let stock_1 = stock
+        .complete(&prompt_1, args.document.max_new_tokens)
+        .await?;
+    let stock_2 = stock
+        .complete(&prompt_2, args.document.max_new_tokens)
+        .await?;
     println!(
         "   cold TTFT {:.2} s, memory-hit TTFT {:.2} s ({} prompt tokens)",
         stock_1.ttft.as_secs_f64(),
@@ -119,7 +111,9 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
     let engine_1 =
         LocalEngine::start(EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone())).await?;
-    let cold = engine_1.complete(&prompt_1, args.max_new_tokens).await?;
+    let cold = engine_1
+        .complete(&prompt_1, args.document.max_new_tokens)
+        .await?;
     hook_1.wait_for_saves(1, WAIT).await?;
     println!(
         "   TTFT {:.2} s: {}",
@@ -132,7 +126,9 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
     let engine_2 =
         LocalEngine::start(EngineOptions::new(source).with_kv_hook(hook_2.clone())).await?;
-    let hit = engine_2.complete(&prompt_2, args.max_new_tokens).await?;
+    let hit = engine_2
+        .complete(&prompt_2, args.document.max_new_tokens)
+        .await?;
     let finished = hook_2.wait_for_finished(prompt_2.len(), WAIT).await?;
     let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
     println!(

@@ -11,6 +11,20 @@ use clap::{Parser, Subcommand};
 
 use crate::model;
 
+/// The document questions are asked about, and the answers' length (`demo` and `ask`).
+#[derive(Debug, clap::Args)]
+pub(crate) struct DocumentArgs {
+    /// The document [default: the GNU GPL v3 shipped with the OS].
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of the document to use.
+    #[arg(long, default_value_t = 3000)]
+    tokens: usize,
+    /// Tokens to generate per answer.
+    #[arg(long, default_value_t = 40)]
+    max_new_tokens: usize,
+}
+
 /// KV-cache offload and reuse for mistral.rs.
 #[derive(Debug, Parser)]
 #[command(name = "kvplugin", version, about)]

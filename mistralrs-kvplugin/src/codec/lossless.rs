@@ -27,6 +27,19 @@ pub fn encode(bytes: &[u8], dims: Dims, elem: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&compressed);
 }
 
+/// The byte planes of a tensor of `n` elements of `elem` bytes: plane `b` is byte `b` of every
+/// element, in channel-major order.
+fn read_planes(r: &mut Reader<'_>, n: usize, elem: usize) -> Result<Vec<u8>, CodecError> {
+    let len = r.u32()? as usize;
+    let compressed = r.bytes(len)?;
+    let planes = zstd::bulk::decompress(compressed, n * elem)
+        .map_err(|e| CodecError::corrupt(format!("zstd: {e}")))?;
+    if planes.len() != n * elem {
+        return Err(CodecError::corrupt("zstd frame has the wrong size"));
+    }
+    Ok(planes)
+}
+
 /// Decodes a tensor written by [`encode`] into `out` (raw element bytes, engine order).
 pub fn decode(
     r: &mut Reader<'_>,
@@ -34,14 +47,8 @@ pub fn decode(
     elem: usize,
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    let len = r.u32()? as usize;
-    let compressed = r.bytes(len)?;
     let n = dims.heads * dims.tokens * dims.channels;
-    let planes = zstd::bulk::decompress(compressed, n * elem)
-        .map_err(|e| CodecError::corrupt(format!("zstd: {e}")))?;
-    if planes.len() != n * elem {
-        return Err(CodecError::corrupt("zstd frame has the wrong size"));
-    }
+    let planes = read_planes(r, n, elem)?;
     for (k, dst) in channel_major(dims).enumerate() {
         for b in 0..elem {
             out[dst * elem + b] = planes[b * n + k];
@@ -60,14 +67,8 @@ pub fn decode_f32_into(
     dest: &mut Dest<'_>,
 ) -> Result<(), CodecError> {
     let elem = dtype.size();
-    let len = r.u32()? as usize;
-    let compressed = r.bytes(len)?;
     let n = dims.heads * dims.tokens * dims.channels;
-    let planes = zstd::bulk::decompress(compressed, n * elem)
-        .map_err(|e| CodecError::corrupt(format!("zstd: {e}")))?;
-    if planes.len() != n * elem {
-        return Err(CodecError::corrupt("zstd frame has the wrong size"));
-    }
+    let planes = read_planes(r, n, elem)?;
     let kept = dest.take.min(dims.tokens);
     let (channels, tokens) = (dims.channels, dims.tokens);
     for h in 0..dims.heads {

@@ -455,20 +455,19 @@ impl<'a> ParsedChunk<'a> {
         let elem = dtype.size();
         let row = dims.channels * elem;
         let mut r = Reader::new(section);
-        let copy_rows = |dest: &mut Dest<'_>, raw: &[u8], raw_tokens: usize, rows: usize| {
-            for h in 0..dims.heads {
-                let src = &raw[h * raw_tokens * row..][..rows * row];
-                let at = (h * dest.tokens + dest.token_offset) * dims.channels;
-                chunk::read_f32_into(dtype, src, &mut dest.data[at..at + rows * dims.channels]);
-            }
-        };
         if self.header.level == Level::Lossless {
             lossless::decode_f32_into(&mut r, dims, dtype, dest)?;
             return finish(&r);
         }
+        // Exact leading tokens: raw elements, head by head.
         let exact = self.header.exact_tokens;
         let raw = r.bytes(dims.heads * exact * row)?;
-        copy_rows(dest, raw, exact, exact.min(dest.take));
+        let rows = exact.min(dest.take);
+        for h in 0..dims.heads {
+            let src = &raw[h * exact * row..][..rows * row];
+            let at = (h * dest.tokens + dest.token_offset) * dims.channels;
+            chunk::read_f32_into(dtype, src, &mut dest.data[at..at + rows * dims.channels]);
+        }
         let quantised = dims.tokens - exact;
         if quantised > 0 {
             let rest = Dims {

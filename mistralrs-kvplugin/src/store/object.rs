@@ -191,7 +191,16 @@ impl ObjectPrefixStore {
     }
 
     async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
-        match self.store.get(path).await {
+        self.get_with(path, GetOptions::default()).await
+    }
+
+    /// One GET (whole or ranged), counted; a missing object is `None`.
+    async fn get_with(
+        &self,
+        path: &Path,
+        opts: GetOptions,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        match self.store.get_opts(path, opts).await {
             Ok(result) => {
                 let bytes = result
                     .bytes()
@@ -216,20 +225,10 @@ impl ObjectPrefixStore {
             )),
             ..Default::default()
         };
-        match self.store.get_opts(path, opts).await {
-            Ok(result) => {
-                let bytes = result
-                    .bytes()
-                    .await
-                    .map_err(StoreError::from_object_store)?;
-                self.counters
-                    .bytes_read
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                Ok(Some(parse_envelope_tokens(&bytes)?))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StoreError::from_object_store(e)),
-        }
+        self.get_with(path, opts)
+            .await?
+            .map(|bytes| parse_envelope_tokens(&bytes))
+            .transpose()
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>, create: bool) -> Result<bool, StoreError> {
