@@ -11,7 +11,7 @@ use std::{path::PathBuf, time::Duration};
 
 use mistralrs_kvplugin::{
     corpus,
-    engine::{chat_prompt, LocalEngine},
+    engine::{document_prompt, LocalEngine},
     model, KvPluginHook, MetricsSnapshot,
 };
 
@@ -46,21 +46,16 @@ pub fn hf_dir() -> PathBuf {
 
 /// The first `n_tokens` tokens of the default document, as text.
 pub fn document(engine: &LocalEngine, n_tokens: usize) -> String {
-    let text = corpus::read_text(&corpus::default_document().expect("a default document"))
-        .expect("readable document");
-    let ids = engine.encode(&text).expect("encode");
-    assert!(ids.len() >= n_tokens, "document too short");
+    let text = corpus::text_or_default(None).expect("a readable default document");
     engine
-        .tokenizer()
-        .decode(&ids[..n_tokens], false)
-        .expect("decode")
+        .truncate_to_tokens(&text, n_tokens)
+        .expect("document long enough")
 }
 
 /// A chat prompt asking `question` about `document`, as token ids.
 pub fn question_prompt(engine: &LocalEngine, document: &str, question: &str) -> Vec<u32> {
-    let system = format!("Answer questions about this document.\n\n{document}");
     engine
-        .encode(&chat_prompt(&system, question))
+        .encode(&document_prompt(document, question))
         .expect("encode")
 }
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use integration_tests::{document, gguf_path, hf_dir, question_prompt, wait_for};
 use mistralrs_core::{KvHook, KvModelInfo, KvPrefix, LayerKv, ModelDType};
 use mistralrs_kvplugin::{
-    engine::{EngineOptions, LocalEngine, ModelSource},
+    engine::{EngineOptions, Generation, LocalEngine, ModelSource},
     store::common_prefix_len,
     HookConfig, KvPluginHook, MemoryPrefixStore, PrefixStore,
 };
@@ -33,10 +33,18 @@ fn hook_over(store: &Arc<MemoryPrefixStore>) -> Arc<KvPluginHook> {
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fresh_engine_prefills_only_the_suffix_and_matches_stock() {
+/// Two questions on one document, stock's answer to the second, and a store holding the cache
+/// engine A left after answering the first.
+struct Saved {
+    prompt_a: Vec<u32>,
+    prompt_b: Vec<u32>,
+    expected: Generation,
+    store: Arc<MemoryPrefixStore>,
+}
+
+async fn saved_by_engine_a(doc_tokens: usize) -> Saved {
     let stock = LocalEngine::start(gguf_options()).await.unwrap();
-    let doc = document(&stock, DOC_TOKENS);
+    let doc = document(&stock, doc_tokens);
     let prompt_a = question_prompt(&stock, &doc, "Who may copy this license?");
     let prompt_b = question_prompt(&stock, &doc, "What does the license say about patents?");
     let expected = stock.complete(&prompt_b, NEW_TOKENS).await.unwrap();
@@ -51,7 +59,22 @@ async fn fresh_engine_prefills_only_the_suffix_and_matches_stock() {
     let a = wait_for(&hook_a, 1, 1).await;
     assert_eq!(a.saves, 1, "engine A saved its cache: {a:?}");
     assert_eq!(a.last_reused_tokens, 0, "engine A started cold");
-    drop(engine_a);
+    Saved {
+        prompt_a,
+        prompt_b,
+        expected,
+        store,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_engine_prefills_only_the_suffix_and_matches_stock() {
+    let Saved {
+        prompt_a,
+        prompt_b,
+        expected,
+        store,
+    } = saved_by_engine_a(DOC_TOKENS).await;
 
     let hook_b = hook_over(&store);
     let engine_b = LocalEngine::start(gguf_options().with_kv_hook(hook_b.clone()))
@@ -332,22 +355,13 @@ impl PrefixStore for SlowStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_slower_than_the_load_timeout_costs_a_recompute_counted_as_a_timeout() {
-    let stock = LocalEngine::start(gguf_options()).await.unwrap();
-    let doc = document(&stock, 150);
-    let prompt_a = question_prompt(&stock, &doc, "Who may copy this license?");
-    let prompt_b = question_prompt(&stock, &doc, "What does the license say about patents?");
-    let expected = stock.complete(&prompt_b, NEW_TOKENS).await.unwrap();
-    drop(stock);
-
     // The cache is in the store (saved by engine A); the slow store serves it too late.
-    let store = Arc::new(MemoryPrefixStore::new(1 << 30));
-    let hook_a = hook_over(&store);
-    let engine_a = LocalEngine::start(gguf_options().with_kv_hook(hook_a.clone()))
-        .await
-        .unwrap();
-    engine_a.complete(&prompt_a, NEW_TOKENS).await.unwrap();
-    assert_eq!(wait_for(&hook_a, 1, 1).await.saves, 1);
-    drop(engine_a);
+    let Saved {
+        prompt_b,
+        expected,
+        store,
+        ..
+    } = saved_by_engine_a(150).await;
 
     let slow = Arc::new(SlowStore {
         inner: store,

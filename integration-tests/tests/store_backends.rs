@@ -34,17 +34,16 @@ async fn local_filesystem_backend() {
 
 #[tokio::test]
 async fn s3s_fs_backend() {
-    let server = S3Server::start_s3s_fs();
-    let config = server.config();
-    behaviour_suite(config.open_backend().unwrap(), || {
-        config.open_backend().unwrap()
-    })
-    .await;
+    suite_on_server(S3Server::start_s3s_fs()).await;
 }
 
 #[tokio::test]
 async fn garage_backend() {
-    let server = S3Server::start_garage();
+    suite_on_server(S3Server::start_garage()).await;
+}
+
+/// The suite over `server`'s bucket; a fresh client plays the restarted process.
+async fn suite_on_server(server: S3Server) {
     let config = server.config();
     behaviour_suite(config.open_backend().unwrap(), || {
         config.open_backend().unwrap()
