@@ -11,16 +11,21 @@
 mod memory;
 mod object;
 pub mod shaped;
+mod streaming;
 
 pub use memory::MemoryPrefixStore;
 pub(crate) use object::{chunk_of, tensors_of};
 pub use object::{ObjectPrefixStore, ObjectStoreConfig, ObjectStoreCounters};
 pub use shaped::{BandwidthTrace, ShapedStore, TraceClock};
+pub use streaming::StreamedLoad;
 
 use async_trait::async_trait;
 use mistralrs_core::KvPrefix;
 
-use crate::fingerprint::ModelFingerprint;
+use crate::{
+    fingerprint::ModelFingerprint,
+    stream::{StreamPolicy, StreamReport},
+};
 
 /// Errors of a store.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,12 @@ pub enum StoreError {
     #[error("store backend: {reason}")]
     Backend {
         /// The backend's message.
+        reason: String,
+    },
+    /// The store took longer than allowed.
+    #[error("store timed out: {reason}")]
+    Timeout {
+        /// What took too long.
         reason: String,
     },
     /// The backend refused the credentials or the permission.
@@ -84,10 +95,22 @@ impl StoreError {
         }
     }
 
+    /// The failure's kind, as metrics and reports count it: `backend`, `timeout`, `denied`,
+    /// `corrupt` (bad or foreign data) or `invalid` (a bad prefix or setting).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Backend { .. } => "backend",
+            Self::Timeout { .. } => "timeout",
+            Self::Denied { .. } => "denied",
+            Self::Corrupt { .. } | Self::Codec(_) => "corrupt",
+            Self::InvalidPrefix { .. } | Self::Config { .. } | Self::Tensor(_) => "invalid",
+        }
+    }
+
     /// Whether trying the same operation again may succeed (a backend failure may be passing;
     /// bad data and bad settings are not).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Self::Backend { .. })
+        matches!(self, Self::Backend { .. } | Self::Timeout { .. })
     }
 }
 
@@ -121,6 +144,27 @@ pub trait PrefixStore: Send + Sync {
         prompt: &[u32],
         min_tokens: usize,
     ) -> Result<Option<KvPrefix>, StoreError>;
+
+    /// [`PrefixStore::load`] chunk by chunk, each chunk fetched at the level `policy` chooses or
+    /// left to the engine to recompute (see [`StreamedLoad`]). A store that does not keep chunks
+    /// (the default method) loads whole, as `load` does, whatever the policy.
+    async fn load_streamed(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        _policy: &StreamPolicy,
+    ) -> Result<StreamedLoad, StoreError> {
+        let prefix = self.load(model, prompt, min_tokens).await?;
+        Ok(StreamedLoad {
+            report: StreamReport {
+                prompt_tokens: prompt.len(),
+                covered_tokens: prefix.as_ref().map_or(0, |p| p.tokens.len()),
+                ..StreamReport::default()
+            },
+            prefix,
+        })
+    }
 }
 
 /// Checks the shape invariants of a prefix: one K and V per layer, `[1, heads, n, dim]` with

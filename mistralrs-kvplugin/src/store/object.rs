@@ -37,10 +37,13 @@ use object_store::{
 };
 use rayon::prelude::*;
 
-use super::{common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError};
+use super::{
+    common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError, StreamedLoad,
+};
 use crate::{
     codec::{self, ChunkShape, Dest, EncodeOptions, KvChunk, KvDType, Level, ParsedChunk},
     fingerprint::ModelFingerprint,
+    stream::StreamPolicy,
 };
 
 const ENVELOPE_MAGIC: [u8; 4] = *b"KVOB";
@@ -99,8 +102,8 @@ impl ObjectStoreCounters {
 
 /// A [`PrefixStore`] over an [`ObjectStore`].
 pub struct ObjectPrefixStore {
-    store: Arc<dyn ObjectStore>,
-    config: ObjectStoreConfig,
+    pub(super) store: Arc<dyn ObjectStore>,
+    pub(super) config: ObjectStoreConfig,
     counters: ObjectStoreCounters,
 }
 
@@ -139,7 +142,7 @@ impl ObjectPrefixStore {
     }
 
     /// Every level full chunks are written at: the main level first, no level twice.
-    fn levels_written(&self) -> Vec<Level> {
+    pub(super) fn levels_written(&self) -> Vec<Level> {
         let mut levels = vec![self.config.level];
         for &level in &self.config.extra_levels {
             if !levels.contains(&level) {
@@ -149,7 +152,12 @@ impl ObjectPrefixStore {
         levels
     }
 
-    fn chunk_path(&self, model: &ModelFingerprint, hash: &blake3::Hash, level: Level) -> Path {
+    pub(super) fn chunk_path(
+        &self,
+        model: &ModelFingerprint,
+        hash: &blake3::Hash,
+        level: Level,
+    ) -> Path {
         Path::from(format!(
             "{}/c-{}.{}",
             self.root(model),
@@ -158,7 +166,7 @@ impl ObjectPrefixStore {
         ))
     }
 
-    fn tail_path(&self, model: &ModelFingerprint, parent: &blake3::Hash) -> Path {
+    pub(super) fn tail_path(&self, model: &ModelFingerprint, parent: &blake3::Hash) -> Path {
         Path::from(format!(
             "{}/t-{}.{}",
             self.root(model),
@@ -168,7 +176,7 @@ impl ObjectPrefixStore {
     }
 
     /// Hash of the empty prefix, then of each full chunk of `tokens`.
-    fn chain(
+    pub(super) fn chain(
         &self,
         model: &ModelFingerprint,
         tokens: &[u32],
@@ -190,7 +198,7 @@ impl ObjectPrefixStore {
         hashes
     }
 
-    async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
+    pub(super) async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
         self.get_with(path, GetOptions::default()).await
     }
 
@@ -361,6 +369,17 @@ impl PrefixStore for ObjectPrefixStore {
         self.load_at(model, prompt, min_tokens, self.config.level)
             .await
     }
+
+    async fn load_streamed(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        policy: &StreamPolicy,
+    ) -> Result<StreamedLoad, StoreError> {
+        // The inherent method (store/streaming.rs).
+        ObjectPrefixStore::load_streamed(self, model, prompt, min_tokens, policy).await
+    }
 }
 
 impl ObjectPrefixStore {
@@ -503,7 +522,7 @@ fn decode_parts(
     Ok(KvPrefix { tokens, layers })
 }
 
-fn candle_dtype(dtype: KvDType) -> DType {
+pub(super) fn candle_dtype(dtype: KvDType) -> DType {
     match dtype {
         KvDType::F32 => DType::F32,
         KvDType::F16 => DType::F16,
@@ -552,7 +571,7 @@ fn check_envelope_header(r: &mut codec::reader::Reader<'_>) -> Result<(), StoreE
     Ok(())
 }
 
-fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
+pub(super) fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
     let mut r = codec::reader::Reader::new(bytes);
     check_envelope_header(&mut r)?;
     let n = r.u32()? as usize;

@@ -6,10 +6,11 @@
 //! a fixed latency, so that a benchmark can replay the same link conditions for every policy.
 //!
 //! Invariants:
-//! - A read (GET, ranged GET, HEAD) returns the inner store's answer, complete, no sooner than
+//! - A read (GET, ranged GET) returns the inner store's answer, complete, no sooner than
 //!   `latency + bytes * 8 / bandwidth` after it started, the bandwidth being the trace's value
 //!   when it started. Concurrent reads do not share the bandwidth (each is one transfer at the
 //!   trace's rate), which is how CacheGen's per-chunk traces are defined.
+//! - A HEAD costs the latency only and does not advance a per-request trace.
 //! - A bandwidth of 0 is a link that is down: the read fails, after the latency, with an error
 //!   (as a dead server would), never a hang.
 //! - Writes, lists and deletes pass straight through: the plugin writes in the background, and
@@ -116,6 +117,22 @@ impl ShapedStore {
         }
     }
 
+    /// Moves a per-request trace to its `position`-th value (a benchmark replays the same
+    /// stretch of trace for every policy it compares).
+    pub fn seek(&self, position: usize) {
+        self.requests.store(position, Ordering::Relaxed);
+    }
+
+    /// The value the next read would get, without taking it.
+    fn peek_mbit_s(&self) -> f64 {
+        let n = self.trace.mbit_s.len();
+        let at = match self.trace.clock {
+            TraceClock::PerRequest => self.requests.load(Ordering::Relaxed),
+            TraceClock::PerSecond => self.started.elapsed().as_secs() as usize,
+        };
+        self.trace.mbit_s[at % n]
+    }
+
     /// The bandwidth a read starting now gets, in Mbit/s.
     fn current_mbit_s(&self) -> f64 {
         let n = self.trace.mbit_s.len();
@@ -124,6 +141,13 @@ impl ShapedStore {
             TraceClock::PerSecond => self.started.elapsed().as_secs() as usize,
         };
         self.trace.mbit_s[at % n]
+    }
+}
+
+fn link_down() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "ShapedStore",
+        source: "the link is down (bandwidth 0 in the trace)".into(),
     }
 }
 
@@ -158,13 +182,19 @@ impl ObjectStore for ShapedStore {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         let start = Instant::now();
+        if options.head {
+            // A HEAD moves no payload: it costs the latency, fails on a dead link, and does not
+            // advance a per-request trace (whose values are per transfer).
+            tokio::time::sleep(self.latency).await;
+            if self.peek_mbit_s() == 0.0 {
+                return Err(link_down());
+            }
+            return self.inner.get_opts(location, options).await;
+        }
         let mbit_s = self.current_mbit_s();
         if mbit_s == 0.0 {
             tokio::time::sleep(self.latency).await;
-            return Err(object_store::Error::Generic {
-                store: "ShapedStore",
-                source: "the link is down (bandwidth 0 in the trace)".into(),
-            });
+            return Err(link_down());
         }
         let result = self.inner.get_opts(location, options).await?;
         let (meta, range, attributes) = (

@@ -1,0 +1,508 @@
+//! Streamed loads from an [`ObjectPrefixStore`]: the prompt's run of stored chunks is fetched one
+//! chunk at a time, in order, each at the level a [`StreamPolicy`] chooses (or not at all: the
+//! engine recomputes it from text), and each chunk decodes on the blocking pool while the next one
+//! is fetched.
+//!
+//! A load has two steps:
+//! 1. Discovery: one HEAD per chunk and level on offer (concurrently, `fetch_concurrency` chunks
+//!    at a time), up to the first chunk stored at no level, and one for the tail. This gives the
+//!    planner exact object sizes and costs only latency, no bandwidth.
+//! 2. Streaming: per chunk, a choice; a fetch; the previous chunk's decode joined (it ran while
+//!    this fetch was in flight); this chunk's decode started.
+//!
+//! Invariants:
+//! - What is installed is a prefix of the prompt, chunk by chunk, each chunk's token ids checked
+//!   against the prompt's before its values are used.
+//! - A chunk that fails (fetch error, adaptive fetch timeout, vanished object, corrupt object)
+//!   ends the load there: the chunks before it are still used, it and every later chunk are
+//!   recomputed. Only a failure before any chunk is chosen (discovery) is an error.
+//! - Every value is written once: each tensor is allocated once for everything discovered and
+//!   chunks decode straight into it; a load that ends early copies the covered part out once.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use futures::{future, stream, StreamExt, TryStreamExt};
+use mistralrs_core::{KvPrefix, LayerKv};
+use object_store::path::Path;
+use rayon::prelude::*;
+
+use super::{
+    common_prefix_len,
+    object::{candle_dtype, parse_envelope},
+    ObjectPrefixStore, StoreError,
+};
+use crate::{
+    codec::{Dest, KvDType, Level, ParsedChunk},
+    fingerprint::ModelFingerprint,
+    stream::{
+        Choice, ChunkDecision, ChunkOffer, ChunkOutcome, StreamPlanner, StreamPolicy, StreamReport,
+        MIN_FETCH_TIMEOUT,
+    },
+};
+
+/// What a streamed load installs, and what it did.
+#[derive(Debug)]
+pub struct StreamedLoad {
+    /// The prefix to install (`None`: a miss, nothing usable arrived).
+    pub prefix: Option<KvPrefix>,
+    /// Every chunk's decision and outcome.
+    pub report: StreamReport,
+}
+
+/// A stored chunk (or the tail) found by discovery.
+struct Found {
+    offer: ChunkOffer,
+    /// The chain hash naming it (its parent's, for the tail).
+    hash: blake3::Hash,
+    is_tail: bool,
+}
+
+/// Every tensor of the prefix being loaded, allocated for `n_alloc` tokens.
+struct DecodeBuffers {
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    dtype: KvDType,
+    n_alloc: usize,
+    data: Vec<Vec<f32>>,
+}
+
+/// A chunk being decoded on the blocking pool: the buffers come back whatever happens, so that
+/// the chunks before a corrupt one are still used.
+type DecodeTask = tokio::task::JoinHandle<(Option<DecodeBuffers>, Result<Duration, StoreError>)>;
+
+struct Pending {
+    task: DecodeTask,
+    /// Index of its decision in the report.
+    decision: usize,
+    end: usize,
+    bytes: u64,
+}
+
+impl ObjectPrefixStore {
+    /// Loads the longest stored prefix of `prompt` (longer than `min_tokens`, shorter than the
+    /// prompt) chunk by chunk as `policy` chooses; see the module docs.
+    pub async fn load_streamed(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        policy: &StreamPolicy,
+    ) -> Result<StreamedLoad, StoreError> {
+        let started = Instant::now();
+        let mut planner = match policy {
+            StreamPolicy::Adaptive(inputs) => Some(StreamPlanner::new(*inputs)),
+            _ => None,
+        };
+        let mut report = StreamReport {
+            budget_s: match policy {
+                StreamPolicy::Adaptive(inputs) => inputs.budget.as_secs_f64(),
+                _ => 0.0,
+            },
+            prompt_tokens: prompt.len(),
+            ..StreamReport::default()
+        };
+        let levels = offered_levels(policy, self);
+        let discovery = self.discover(model, prompt, &levels);
+        let found = match policy {
+            // Discovery costs round trips only; on a dead link it must not eat the budget.
+            StreamPolicy::Adaptive(inputs) => {
+                tokio::time::timeout(inputs.budget.max(MIN_FETCH_TIMEOUT), discovery)
+                    .await
+                    .map_err(|_| StoreError::Timeout {
+                        reason: "finding the stored chunks took longer than the budget".into(),
+                    })??
+            }
+            _ => discovery.await?,
+        };
+        let offers: Vec<ChunkOffer> = found.iter().map(|f| f.offer.clone()).collect();
+        let n_alloc = offers.last().map_or(0, |o| o.start + o.tokens);
+
+        let mut buffers: Option<DecodeBuffers> = None;
+        let mut pending: Option<Pending> = None;
+        let mut covered = 0;
+        for (i, chunk) in found.iter().enumerate() {
+            let offer = &chunk.offer;
+            let at = started.elapsed();
+            let choice = match policy {
+                StreamPolicy::Adaptive(_) => planner.as_ref().expect("adaptive").choose(
+                    at,
+                    offer,
+                    &offers[i + 1..],
+                    prompt.len(),
+                ),
+                StreamPolicy::Fixed(level) => Choice::Fetch(*level),
+                StreamPolicy::Planned(choices) => choices.get(i).copied().unwrap_or(Choice::Text),
+            };
+            let estimate_mbit_s = planner.as_ref().map_or(0.0, |p| p.bandwidth() * 8e-6);
+            let mut decision = ChunkDecision {
+                start: offer.start,
+                tokens: offer.tokens,
+                choice,
+                outcome: ChunkOutcome::Text,
+                bytes: 0,
+                fetch_s: 0.0,
+                estimate_mbit_s,
+                at_s: at.as_secs_f64(),
+            };
+            tracing::debug!(
+                start = offer.start,
+                tokens = offer.tokens,
+                ?choice,
+                estimate_mbit_s,
+                elapsed_ms = at.as_secs_f64() * 1e3,
+                budget_ms = report.budget_s * 1e3,
+                "kvplugin: stream decision"
+            );
+            let Choice::Fetch(level) = choice else {
+                report.chunks.push(decision);
+                break;
+            };
+            // A tail is stored once, lossless, whatever the level asked for.
+            let level = if chunk.is_tail {
+                Level::Lossless
+            } else {
+                level
+            };
+            decision.choice = Choice::Fetch(level);
+            let Some(&(_, expected)) = offer.levels.iter().find(|(l, _)| *l == level) else {
+                decision.outcome =
+                    failed("missing", format!("not stored at level {}", level.name()));
+                report.chunks.push(decision);
+                break;
+            };
+            let path = if chunk.is_tail {
+                self.tail_path(model, &chunk.hash)
+            } else {
+                self.chunk_path(model, &chunk.hash, level)
+            };
+            let fetch_started = Instant::now();
+            let fetched = match planner.as_mut() {
+                Some(p) => {
+                    let limit = p.fetch_timeout(expected, offer.start, prompt.len());
+                    match tokio::time::timeout(limit, self.get(&path)).await {
+                        Ok(fetched) => fetched,
+                        Err(_) => {
+                            p.observe_timeout(expected, fetch_started.elapsed());
+                            Err(StoreError::Timeout {
+                                reason: format!("fetch of {expected} bytes exceeded {limit:?}"),
+                            })
+                        }
+                    }
+                }
+                None => self.get(&path).await,
+            };
+            let took = fetch_started.elapsed();
+            // The previous chunk decoded while this one was in flight.
+            if let Some(done) = pending.take() {
+                let (returned, result) = join_decode(done.task).await;
+                buffers = returned;
+                match result {
+                    Ok(decode_took) => {
+                        covered = done.end;
+                        if let Some(p) = planner.as_mut() {
+                            p.observe_decode(done.bytes, decode_took);
+                        }
+                    }
+                    Err(e) => {
+                        report.chunks[done.decision].outcome = failure_outcome(&e);
+                        break;
+                    }
+                }
+            }
+            decision.fetch_s = took.as_secs_f64();
+            let bytes = match fetched {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    decision.outcome =
+                        failed("missing", "the object vanished since discovery".into());
+                    report.chunks.push(decision);
+                    break;
+                }
+                Err(e) => {
+                    decision.outcome = failure_outcome(&e);
+                    report.chunks.push(decision);
+                    break;
+                }
+            };
+            decision.bytes = bytes.len() as u64;
+            if let Some(p) = planner.as_mut() {
+                p.observe(bytes.len() as u64, took);
+            }
+            let take = match tokens_to_use(&bytes, prompt, offer, chunk.is_tail) {
+                Ok(take) => take,
+                Err(e) => {
+                    decision.outcome = failure_outcome(&e);
+                    report.chunks.push(decision);
+                    break;
+                }
+            };
+            if take == 0 {
+                // A tail left by another prompt: nothing of it is ours.
+                decision.choice = Choice::Text;
+                report.chunks.push(decision);
+                break;
+            }
+            decision.tokens = take;
+            decision.outcome = ChunkOutcome::Loaded;
+            report.chunks.push(decision);
+            let model = *model;
+            let (offset, held, n_bytes) = (offer.start, buffers.take(), bytes.len() as u64);
+            pending = Some(Pending {
+                task: tokio::task::spawn_blocking(move || {
+                    decode_into(held, &bytes, &model, offset, take, n_alloc)
+                }),
+                decision: report.chunks.len() - 1,
+                end: offset + take,
+                bytes: n_bytes,
+            });
+        }
+        if let Some(done) = pending.take() {
+            let (returned, result) = join_decode(done.task).await;
+            buffers = returned;
+            match result {
+                Ok(_) => covered = done.end,
+                Err(e) => report.chunks[done.decision].outcome = failure_outcome(&e),
+            }
+        }
+        report.covered_tokens = covered;
+        report.bandwidth_bytes_s = planner.as_ref().map_or(0.0, StreamPlanner::bandwidth);
+        let prefix = match buffers {
+            Some(buffers) if covered > min_tokens => {
+                let tokens = prompt[..covered].to_vec();
+                Some(
+                    tokio::task::spawn_blocking(move || into_prefix(buffers, tokens))
+                        .await
+                        .map_err(|e| StoreError::backend(format!("install task: {e}")))??,
+                )
+            }
+            _ => None,
+        };
+        if prefix.is_none() {
+            report.covered_tokens = 0;
+        }
+        report.elapsed_s = started.elapsed().as_secs_f64();
+        Ok(StreamedLoad { prefix, report })
+    }
+
+    /// Discovery (see the module docs): the run of chunks stored at one of `levels` at least,
+    /// then the tail.
+    async fn discover(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        levels: &[Level],
+    ) -> Result<Vec<Found>, StoreError> {
+        let c = self.config.chunk_tokens;
+        let usable = prompt.len().saturating_sub(1);
+        let max_full = usable / c;
+        let hashes = self.chain(model, prompt, max_full);
+        let hashes = &hashes;
+        let sizes: Vec<Vec<(Level, u64)>> = stream::iter(0..max_full)
+            .map(|i| async move {
+                let heads = levels.iter().map(|&level| async move {
+                    let path = self.chunk_path(model, &hashes[i + 1], level);
+                    Ok::<_, StoreError>(self.size_of(&path).await?.map(|size| (level, size)))
+                });
+                let found = future::try_join_all(heads).await?;
+                Ok::<_, StoreError>(found.into_iter().flatten().collect::<Vec<_>>())
+            })
+            .buffered(self.config.fetch_concurrency)
+            .take_while(|r| future::ready(!matches!(r, Ok(v) if v.is_empty())))
+            .try_collect()
+            .await?;
+        let mut found: Vec<Found> = sizes
+            .into_iter()
+            .enumerate()
+            .map(|(i, levels)| Found {
+                offer: ChunkOffer {
+                    start: i * c,
+                    tokens: c,
+                    levels,
+                },
+                hash: hashes[i + 1],
+                is_tail: false,
+            })
+            .collect();
+        let covered = found.len() * c;
+        if covered < usable {
+            let parent = hashes[found.len()];
+            if let Some(size) = self.size_of(&self.tail_path(model, &parent)).await? {
+                found.push(Found {
+                    offer: ChunkOffer {
+                        start: covered,
+                        // At most this many; the envelope says how many are shared.
+                        tokens: usable - covered,
+                        levels: vec![(Level::Lossless, size)],
+                    },
+                    hash: parent,
+                    is_tail: true,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// The size of the object at `path`; `None` when there is none.
+    async fn size_of(&self, path: &Path) -> Result<Option<u64>, StoreError> {
+        match self.store.head(path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::from_object_store(e)),
+        }
+    }
+}
+
+/// The levels a policy may fetch full chunks at, best first.
+fn offered_levels(policy: &StreamPolicy, store: &ObjectPrefixStore) -> Vec<Level> {
+    let mut levels = match policy {
+        StreamPolicy::Adaptive(_) => store.levels_written(),
+        StreamPolicy::Fixed(level) => vec![*level],
+        StreamPolicy::Planned(choices) => choices
+            .iter()
+            .filter_map(|c| match c {
+                Choice::Fetch(level) => Some(*level),
+                Choice::Text => None,
+            })
+            .collect(),
+    };
+    levels.sort();
+    levels.dedup();
+    levels
+}
+
+fn failed(kind: &'static str, reason: String) -> ChunkOutcome {
+    ChunkOutcome::Failed { kind, reason }
+}
+
+fn failure_outcome(e: &StoreError) -> ChunkOutcome {
+    failed(e.kind(), e.to_string())
+}
+
+async fn join_decode(task: DecodeTask) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+    match task.await {
+        Ok(done) => done,
+        Err(e) => (None, Err(StoreError::backend(format!("decode task: {e}")))),
+    }
+}
+
+/// How many of the object's tokens to use: all of a full chunk's (which must be the prompt's),
+/// the part of a tail the prompt shares.
+fn tokens_to_use(
+    bytes: &[u8],
+    prompt: &[u32],
+    offer: &ChunkOffer,
+    is_tail: bool,
+) -> Result<usize, StoreError> {
+    let (tokens, _) = parse_envelope(bytes)?;
+    let want = &prompt[offer.start..offer.start + offer.tokens];
+    if is_tail {
+        return Ok(common_prefix_len(&tokens, want));
+    }
+    if tokens != want {
+        return Err(StoreError::Corrupt {
+            reason: "object's tokens differ from the prompt's".into(),
+        });
+    }
+    Ok(offer.tokens)
+}
+
+/// Decodes the first `take` tokens of an object into `buffers` at `token_offset` (allocating
+/// them, for `n_alloc` tokens, on the first chunk). Returns the decode time.
+fn decode_into(
+    buffers: Option<DecodeBuffers>,
+    bytes: &Bytes,
+    model: &ModelFingerprint,
+    token_offset: usize,
+    take: usize,
+    n_alloc: usize,
+) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+    let started = Instant::now();
+    let parsed = parse_envelope(bytes).and_then(|(tokens, encoded)| {
+        let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
+        if chunk.header().shape.n_tokens != tokens.len() {
+            return Err(StoreError::Corrupt {
+                reason: "object's token count differs from its chunk's".into(),
+            });
+        }
+        Ok(chunk)
+    });
+    let chunk = match parsed {
+        Ok(chunk) => chunk,
+        Err(e) => return (buffers, Err(e)),
+    };
+    let (shape, dtype) = (chunk.header().shape, chunk.header().dtype);
+    let mut buffers = buffers.unwrap_or_else(|| DecodeBuffers {
+        n_layers: shape.n_layers,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        dtype,
+        n_alloc,
+        data: (0..shape.n_tensors())
+            .map(|_| vec![0f32; shape.n_kv_heads * n_alloc * shape.head_dim])
+            .collect(),
+    });
+    if (shape.n_layers, shape.n_kv_heads, shape.head_dim, dtype)
+        != (
+            buffers.n_layers,
+            buffers.n_kv_heads,
+            buffers.head_dim,
+            buffers.dtype,
+        )
+    {
+        return (
+            Some(buffers),
+            Err(StoreError::Corrupt {
+                reason: "objects disagree on the model's shape or dtype".into(),
+            }),
+        );
+    }
+    let n = buffers.n_alloc;
+    let result = buffers
+        .data
+        .par_iter_mut()
+        .enumerate()
+        .try_for_each(|(t, data)| {
+            chunk.decode_tensor_into(
+                t,
+                &mut Dest {
+                    data,
+                    tokens: n,
+                    token_offset,
+                    take,
+                },
+            )
+        });
+    let result = result.map(|()| started.elapsed()).map_err(StoreError::from);
+    (Some(buffers), result)
+}
+
+/// The first `tokens.len()` tokens of the buffers as a prefix in the chunks' dtype.
+fn into_prefix(buffers: DecodeBuffers, tokens: Vec<u32>) -> Result<KvPrefix, StoreError> {
+    let (heads, n_alloc, dim) = (buffers.n_kv_heads, buffers.n_alloc, buffers.head_dim);
+    let n = tokens.len();
+    let dtype = candle_dtype(buffers.dtype);
+    let tensors = buffers
+        .data
+        .into_par_iter()
+        .map(|data| -> Result<Tensor, StoreError> {
+            let t = Tensor::from_vec(data, (1, heads, n_alloc, dim), &Device::Cpu)?;
+            let t = if n < n_alloc {
+                t.narrow(2, 0, n)?.contiguous()?
+            } else {
+                t
+            };
+            Ok(t.to_dtype(dtype)?)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut tensors = tensors.into_iter();
+    let layers = (0..buffers.n_layers)
+        .map(|_| LayerKv {
+            k: tensors.next().expect("2 tensors per layer"),
+            v: tensors.next().expect("2 tensors per layer"),
+        })
+        .collect();
+    Ok(KvPrefix { tokens, layers })
+}
