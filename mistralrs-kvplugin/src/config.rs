@@ -20,7 +20,18 @@
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //! allow_http = true
 //! request_timeout_ms = 5000
+//!
+//! [stream]                             # optional: adaptive chunk-by-chunk lookups
+//! budget_ms = 1500                     # time-to-first-token budget
+//! prefill_secs_per_token = 2.0e-3      # the engine's prefill time, T(n) = a n + b n^2,
+//! prefill_secs_per_token_sq = 4.0e-6   #   as `kvplugin bench stream` measures and prints it
+//! engine_overhead_ms = 50             # what a hit costs the engine besides the load
+//! decode_mb_s = 300                    # codec decode speed to assume at first
+//! prior_mbit_s = 1000                  # bandwidth to assume before the first transfer
 //! ```
+//!
+//! Without `[stream]`, a lookup loads the whole prefix at `level`. With it, each chunk is
+//! fetched at the best of `level` and `extra_levels` that fits the budget, or recomputed.
 //!
 //! Environment overrides (applied by [`PluginConfig::apply_env`]): `KVPLUGIN_STORE_URL`,
 //! `KVPLUGIN_S3_ENDPOINT`, `KVPLUGIN_S3_ALLOW_HTTP`, `KVPLUGIN_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -38,7 +49,82 @@ use crate::{
     codec::Level,
     hook::HookConfig,
     store::{ObjectPrefixStore, ObjectStoreConfig},
+    stream::{PlannerInputs, PrefillModel, StreamPolicy},
 };
+
+/// The `[stream]` section: adaptive streaming of lookups (see [`crate::stream`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Time-to-first-token budget, milliseconds.
+    pub budget_ms: u64,
+    /// Prefill seconds per token (the linear part of the engine's prefill time).
+    pub prefill_secs_per_token: f64,
+    /// Prefill seconds per token pair (the quadratic part).
+    #[serde(default)]
+    pub prefill_secs_per_token_sq: f64,
+    /// What a hit costs the engine besides the load (installing it, the first step),
+    /// milliseconds; reserved out of the budget.
+    #[serde(default)]
+    pub engine_overhead_ms: u64,
+    /// Codec decode speed assumed before the first chunk, MB of object per second.
+    #[serde(default = "default_decode_mb_s")]
+    pub decode_mb_s: f64,
+    /// Bandwidth assumed before the first transfer, Mbit/s.
+    #[serde(default = "default_prior_mbit_s")]
+    pub prior_mbit_s: f64,
+}
+
+fn default_decode_mb_s() -> f64 {
+    300.0
+}
+
+fn default_prior_mbit_s() -> f64 {
+    1000.0
+}
+
+impl StreamSettings {
+    /// The adaptive policy these settings describe.
+    pub fn policy(&self) -> StreamPolicy {
+        StreamPolicy::Adaptive(PlannerInputs {
+            budget: Duration::from_millis(self.budget_ms),
+            prefill: PrefillModel {
+                secs_per_token: self.prefill_secs_per_token,
+                secs_per_token_sq: self.prefill_secs_per_token_sq,
+            },
+            engine_overhead: Duration::from_millis(self.engine_overhead_ms),
+            decode_bytes_per_s: self.decode_mb_s * 1e6,
+            prior_bytes_per_s: self.prior_mbit_s * 1e6 / 8.0,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be a positive number, not {v}")))
+            }
+        };
+        if self.budget_ms == 0 {
+            return Err(bad("stream.budget_ms", "must be at least 1"));
+        }
+        positive("stream.decode_mb_s", self.decode_mb_s)?;
+        positive("stream.prior_mbit_s", self.prior_mbit_s)?;
+        if !(self.prefill_secs_per_token.is_finite()
+            && self.prefill_secs_per_token_sq.is_finite()
+            && self.prefill_secs_per_token >= 0.0
+            && self.prefill_secs_per_token_sq >= 0.0
+            && self.prefill_secs_per_token + self.prefill_secs_per_token_sq > 0.0)
+        {
+            return Err(bad(
+                "stream.prefill_secs_per_token",
+                "the prefill coefficients must be non-negative and not both 0",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +201,8 @@ pub struct PluginConfig {
     pub min_prefix_tokens: usize,
     /// Only look up, never save.
     pub read_only: bool,
+    /// Adaptive streaming of lookups; absent: whole loads at `level`.
+    pub stream: Option<StreamSettings>,
 }
 
 impl Default for PluginConfig {
@@ -132,6 +220,7 @@ impl Default for PluginConfig {
             load_timeout_ms: hook.load_timeout.as_millis() as u64,
             min_prefix_tokens: hook.min_prefix_tokens,
             read_only: hook.read_only,
+            stream: None,
         }
     }
 }
@@ -237,6 +326,9 @@ impl PluginConfig {
         if self.store.url.is_empty() {
             return Err(bad("store.url", "must not be empty"));
         }
+        if let Some(stream) = &self.stream {
+            stream.validate()?;
+        }
         if let Some(bucket) = self.store.url.strip_prefix("s3://") {
             if bucket.is_empty() || bucket.contains('/') {
                 return Err(bad("store.url", "s3 urls are `s3://bucket`"));
@@ -340,6 +432,7 @@ impl PluginConfig {
             load_timeout: Duration::from_millis(self.load_timeout_ms),
             min_prefix_tokens: self.min_prefix_tokens,
             read_only: self.read_only,
+            stream: self.stream.as_ref().map(StreamSettings::policy),
         }
     }
 }
@@ -385,6 +478,19 @@ mod tests {
                 "store.secret_access_key",
             ),
             ("chunk_tokens = \"many\"", "(file)"),
+            (
+                "[stream]\nbudget_ms = 0\nprefill_secs_per_token = 1e-3",
+                "stream.budget_ms",
+            ),
+            (
+                "[stream]\nbudget_ms = 9\nprefill_secs_per_token = 0",
+                "stream.prefill_secs_per_token",
+            ),
+            (
+                "[stream]\nbudget_ms = 9\nprefill_secs_per_token = 1e-3\nprior_mbit_s = -1",
+                "stream.prior_mbit_s",
+            ),
+            ("[stream]\nbudget_ms = 9", "prefill_secs_per_token"),
         ];
         for (text, field) in cases {
             let err = PluginConfig::from_toml_str(text).unwrap_err();
@@ -393,6 +499,22 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_stream_section_turns_on_adaptive_lookups() {
+        assert_eq!(PluginConfig::default().hook_config().stream, None);
+        let c = PluginConfig::from_toml_str(
+            "extra_levels = [\"coarse\"]\n[stream]\nbudget_ms = 1500\nprefill_secs_per_token = 2e-3\nprefill_secs_per_token_sq = 4e-6\nprior_mbit_s = 80",
+        )
+        .unwrap();
+        let Some(StreamPolicy::Adaptive(inputs)) = c.hook_config().stream else {
+            panic!("expected an adaptive policy");
+        };
+        assert_eq!(inputs.budget, Duration::from_millis(1500));
+        assert_eq!(inputs.prefill.secs_per_token_sq, 4e-6);
+        assert_eq!(inputs.prior_bytes_per_s, 10e6);
+        assert_eq!(inputs.decode_bytes_per_s, 300e6);
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //!   [`HookConfig::max_pending_saves`] saves are in flight; further ones are dropped and counted.
 //!   Copying the engine's tensors to the host runs on the blocking pool, not on the async runtime.
 //! - Every failure in a load is a miss (counted and logged with its reason), never an error the
-//!   engine sees; the engine then recomputes from text.
+//!   engine sees; the engine then recomputes from text. A streamed load that fails part-way
+//!   installs the chunks that arrived and leaves the rest to the engine.
+//! - With an adaptive streaming policy, each load starts from the bandwidth the previous one
+//!   measured.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -22,7 +25,8 @@ use tokio::sync::Semaphore;
 use crate::{
     fingerprint::ModelFingerprint,
     metrics::{Metrics, MetricsSnapshot},
-    store::{PrefixStore, StoreError},
+    store::PrefixStore,
+    stream::{ChunkOutcome, StreamPolicy, StreamReport},
 };
 
 /// Settings of a [`KvPluginHook`].
@@ -37,6 +41,10 @@ pub struct HookConfig {
     pub min_prefix_tokens: usize,
     /// Only look up, never save (an engine that reads a cache others fill).
     pub read_only: bool,
+    /// How lookups load: `None`, whole prefixes at the store's level; otherwise chunk by chunk
+    /// under this policy (see [`crate::stream`]). Changeable at run time with
+    /// [`KvPluginHook::set_stream_policy`].
+    pub stream: Option<StreamPolicy>,
 }
 
 impl Default for HookConfig {
@@ -46,6 +54,7 @@ impl Default for HookConfig {
             load_timeout: Duration::from_secs(10),
             min_prefix_tokens: 16,
             read_only: false,
+            stream: None,
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct KvPluginHook {
     model: OnceLock<ModelFingerprint>,
     save_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    stream_policy: Mutex<Option<StreamPolicy>>,
+    last_stream: Mutex<Option<StreamReport>>,
 }
 
 impl KvPluginHook {
@@ -65,6 +76,8 @@ impl KvPluginHook {
     pub fn new(store: Arc<dyn PrefixStore>, config: HookConfig) -> Self {
         Self {
             save_slots: Arc::new(Semaphore::new(config.max_pending_saves)),
+            stream_policy: Mutex::new(config.stream.clone()),
+            last_stream: Mutex::new(None),
             store,
             config,
             model: OnceLock::new(),
@@ -75,6 +88,53 @@ impl KvPluginHook {
     /// The hook's counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Changes how later lookups load (see [`HookConfig::stream`]).
+    pub fn set_stream_policy(&self, policy: Option<StreamPolicy>) {
+        *lock(&self.stream_policy) = policy;
+    }
+
+    /// The report of the last streamed lookup.
+    pub fn last_stream_report(&self) -> Option<StreamReport> {
+        lock(&self.last_stream).clone()
+    }
+
+    /// Counts and logs a streamed lookup, and carries its bandwidth estimate over to the next.
+    fn record_stream(&self, report: &StreamReport) {
+        self.metrics.stream_loads(1);
+        for chunk in &report.chunks {
+            match &chunk.outcome {
+                ChunkOutcome::Loaded => self.metrics.stream_chunks_loaded(1),
+                ChunkOutcome::Failed { .. } => self.metrics.stream_chunks_failed(1),
+                ChunkOutcome::Text => self.metrics.stream_chunks_text(1),
+            }
+        }
+        tracing::info!(
+            chunks = %report.summary(),
+            covered = report.covered_tokens,
+            prompt = report.prompt_tokens,
+            budget_ms = report.budget_s * 1e3,
+            elapsed_ms = report.elapsed_s * 1e3,
+            bandwidth_mbit_s = report.bandwidth_bytes_s * 8e-6,
+            "kvplugin: streamed lookup (L/H/F/D/C = level, T = recompute, ! = failed)"
+        );
+        if let Some(StreamPolicy::Adaptive(inputs)) = lock(&self.stream_policy).as_mut() {
+            if report.bandwidth_bytes_s > 0.0 {
+                inputs.prior_bytes_per_s = report.bandwidth_bytes_s;
+            }
+        }
+        *lock(&self.last_stream) = Some(report.clone());
+    }
+
+    fn count_failure(&self, kind: &str) {
+        self.metrics.lookup_failures(1);
+        match kind {
+            "denied" => self.metrics.failures_denied(1),
+            "backend" | "missing" => self.metrics.failures_backend(1),
+            "timeout" => self.metrics.failures_timeout(1),
+            _ => self.metrics.failures_corrupt(1),
+        }
     }
 
     /// The fingerprint of the model this hook is registered for, once an engine registered it.
@@ -131,6 +191,7 @@ impl KvPluginHook {
 
     async fn save(&self, model: ModelFingerprint, prefix: KvPrefix) {
         let n_tokens = prefix.tokens.len() as u64;
+        tracing::debug!(n_tokens, head = ?&prefix.tokens[..prefix.tokens.len().min(4)], "kvplugin: saving a prefix");
         // Copying out of the engine's cache is CPU work proportional to the prefix: keep it off
         // the async runtime.
         let host = tokio::task::spawn_blocking(move || to_host(prefix)).await;
@@ -221,14 +282,48 @@ impl KvHook for KvPluginHook {
         }
         self.metrics.lookups(1);
         let started = Instant::now();
-        let loaded = tokio::time::timeout(
-            self.config.load_timeout,
-            self.store.load(&model, prompt, min_tokens),
-        )
-        .await;
+        let policy = lock(&self.stream_policy).clone();
+        if policy.is_some() {
+            // A lookup that times out leaves no report: never show the previous one instead.
+            *lock(&self.last_stream) = None;
+        }
+        let lookup = async {
+            match &policy {
+                Some(policy) => self
+                    .store
+                    .load_streamed(&model, prompt, min_tokens, policy)
+                    .await
+                    .map(|l| (l.prefix, Some(l.report))),
+                None => self
+                    .store
+                    .load(&model, prompt, min_tokens)
+                    .await
+                    .map(|prefix| (prefix, None)),
+            }
+        };
+        let loaded = tokio::time::timeout(self.config.load_timeout, lookup).await;
         let elapsed = started.elapsed();
         let failure = match loaded {
-            Ok(Ok(Some(prefix))) => {
+            Ok(Ok((prefix, report))) => {
+                if let Some(report) = &report {
+                    self.record_stream(report);
+                }
+                let Some(prefix) = prefix else {
+                    // A streamed lookup whose first chunk failed is a failure, not a miss.
+                    let first_failure =
+                        report
+                            .iter()
+                            .flat_map(|r| &r.chunks)
+                            .find_map(|c| match &c.outcome {
+                                ChunkOutcome::Failed { kind, .. } => Some(*kind),
+                                _ => None,
+                            });
+                    if let Some(kind) = first_failure {
+                        tracing::warn!(kind, "kvplugin: streamed lookup failed; recomputing");
+                        self.count_failure(kind);
+                    }
+                    return None;
+                };
                 self.metrics.hits(1);
                 self.metrics.hit_tokens(prefix.tokens.len() as u64);
                 self.metrics.load_micros(elapsed.as_micros() as u64);
@@ -239,25 +334,18 @@ impl KvHook for KvPluginHook {
                 );
                 return Some(prefix);
             }
-            Ok(Ok(None)) => return None,
             Ok(Err(e)) => e,
             Err(_) => {
                 tracing::warn!(
                     timeout_ms = self.config.load_timeout.as_millis() as u64,
                     "kvplugin: lookup timed out; recomputing"
                 );
-                self.metrics.lookup_failures(1);
-                self.metrics.failures_timeout(1);
+                self.count_failure("timeout");
                 return None;
             }
         };
         tracing::warn!(error = %failure, "kvplugin: lookup failed; recomputing");
-        self.metrics.lookup_failures(1);
-        match failure {
-            StoreError::Denied { .. } => self.metrics.failures_denied(1),
-            StoreError::Backend { .. } => self.metrics.failures_backend(1),
-            _ => self.metrics.failures_corrupt(1),
-        }
+        self.count_failure(failure.kind());
         None
     }
 
@@ -266,4 +354,9 @@ impl KvHook for KvPluginHook {
         // backstop for a lookup that does not yield.
         self.config.load_timeout + Duration::from_secs(1)
     }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (plain values, replaced whole).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -15,6 +15,10 @@ pub struct Metrics {
     failures_corrupt: AtomicU64,
     failures_timeout: AtomicU64,
     load_micros: AtomicU64,
+    stream_loads: AtomicU64,
+    stream_chunks_loaded: AtomicU64,
+    stream_chunks_text: AtomicU64,
+    stream_chunks_failed: AtomicU64,
     saves: AtomicU64,
     saved_tokens: AtomicU64,
     save_failures: AtomicU64,
@@ -45,6 +49,14 @@ pub struct MetricsSnapshot {
     pub failures_timeout: u64,
     /// Time spent in lookups that hit (finding, fetching, decoding), in microseconds.
     pub load_micros: u64,
+    /// Lookups streamed chunk by chunk under a policy.
+    pub stream_loads: u64,
+    /// Chunks of streamed lookups fetched and installed.
+    pub stream_chunks_loaded: u64,
+    /// Chunks of streamed lookups left to recompute by choice (budget or bandwidth).
+    pub stream_chunks_text: u64,
+    /// Chunks of streamed lookups that failed (each ends its lookup; the rest is recomputed).
+    pub stream_chunks_failed: u64,
     /// Prefixes written to the store.
     pub saves: u64,
     /// Tokens covered by the prefixes written.
@@ -92,6 +104,10 @@ counters!(
     failures_corrupt,
     failures_timeout,
     load_micros,
+    stream_loads,
+    stream_chunks_loaded,
+    stream_chunks_text,
+    stream_chunks_failed,
     saves,
     saved_tokens,
     save_failures,
