@@ -295,17 +295,19 @@ fn evaluate(
 
 const GREEDY_TOKENS: usize = 64;
 
-struct Quality {
-    ppl: f64,
+/// Quality of a cache: perplexity of the text that follows it, top-1 predictions and a greedy
+/// continuation, with their agreement against the exact cache's.
+pub(crate) struct Quality {
+    pub(crate) ppl: f64,
     predictions: Vec<u32>,
     greedy: Vec<u32>,
-    top1_agreement: f64,
-    greedy_agreement: f64,
+    pub(crate) top1_agreement: f64,
+    pub(crate) greedy_agreement: f64,
 }
 
 impl Quality {
     /// Quality of `kv` (the cache of `prefix`), compared with `exact` when given.
-    fn measure(
+    pub(crate) fn measure(
         model: &LlamaEval,
         kv: &PastKv,
         prefix: &[u32],

@@ -4,6 +4,7 @@
 pub mod baselines;
 pub mod codec;
 pub mod offload;
+pub mod stream;
 
 use std::time::{Duration, Instant};
 

@@ -66,6 +66,9 @@ enum BenchCommand {
     /// Time to first token against context length: stock full prefill, stock in-memory prefix
     /// hit, and a store hit per codec level from each store given.
     Offload(crate::bench::offload::OffloadBenchArgs),
+    /// Replays bandwidth traces: the adaptive loader against each fixed level, always-lossless
+    /// and always-text (violation rate, TTFT mean and p90, perplexity change, greedy agreement).
+    Stream(crate::bench::stream::StreamBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Ask(args) => ask::run(args),
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
+        Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
