@@ -202,11 +202,11 @@ async fn a_link_going_down_mid_load_keeps_the_chunks_that_arrived() {
 async fn a_collapsed_link_times_out_the_fetch_instead_of_waiting_for_it() {
     let f = saved().await;
     // 0.01 Mbit/s: the first lossless chunk (~20 kB) would take over 15 s; the estimate says
-    // 1 Gbit/s and recomputing everything takes 0.28 s, so the fetch is given up after its
-    // minimum timeout (0.1 s).
+    // 1 Gbit/s, the budget is 200 ms and recomputing everything takes 0.28 s, so the fetch is
+    // given up once the budget is lost (0.2 s).
     let store = shaped(&f.backend, vec![0.01]);
     let policy = adaptive(
-        Duration::from_secs(60),
+        Duration::from_millis(200),
         PrefillModel::linear(1000.0),
         1000.0,
     );

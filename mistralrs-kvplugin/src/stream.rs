@@ -23,18 +23,20 @@
 //!   allowed (the token ids are in the prompt).
 //! - The prefix a load installs is contiguous: once a chunk is recomputed, every chunk after it is
 //!   too (the engine prefills from the first token it lacks), and the planner prices it so.
-//! - Estimates are exponentially weighted means of observed throughputs (weight
-//!   [`BANDWIDTH_WEIGHT`] on the newest), starting from priors the caller gives; an observation of
-//!   no bytes or no measurable time does not move them.
+//! - The bandwidth estimate is the harmonic mean of the last [`BANDWIDTH_HISTORY`] transfers'
+//!   throughputs (the caller's prior counts as one), capped after a timeout until a transfer
+//!   completes; the decode speed is an exponentially weighted mean. An observation of no bytes
+//!   or no measurable time moves neither.
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use serde::Serialize;
 
 use crate::codec::Level;
 
-/// Weight of the newest observation in the bandwidth and decode-speed estimates.
-pub const BANDWIDTH_WEIGHT: f64 = 0.5;
+/// Weight of the newest observation in the decode-speed estimate (an exponentially weighted
+/// mean: decoding speed changes little).
+pub const DECODE_WEIGHT: f64 = 0.5;
 
 /// Prefill time of the engine: `T(n) = secs_per_token * n + secs_per_token_sq * n^2` for `n`
 /// prompt tokens from scratch.
@@ -182,25 +184,32 @@ pub enum StreamPolicy {
     Planned(Vec<Choice>),
 }
 
-/// An adaptive fetch is abandoned after this many times its expected duration, or after
-/// [`MAX_RISK`] of the time recomputing from its chunk on takes, whichever is later (see
-/// [`StreamPlanner::fetch_timeout`])...
+/// An adaptive fetch is abandoned only once the budget can no longer be met, this many times its
+/// expected duration has passed and [`MAX_RISK`] of the time recomputing from its chunk on takes
+/// has passed (see [`StreamPlanner::fetch_timeout`])...
 pub const FETCH_TIMEOUT_FACTOR: f64 = 2.0;
 /// ...and never sooner than this (a first request also pays for its connection).
 pub const MIN_FETCH_TIMEOUT: Duration = Duration::from_millis(100);
 /// The fraction of recomputing's time a fetch may waste: a fetch waits at least this long
 /// before giving up (a slow transfer is still worth it while it costs less than this), and when
-/// no choice fits the budget a fetch is only risked if its timeout would be this floor, so that
-/// once a link has collapsed (the estimate fell with the timeout that revealed it) requests go
-/// straight to text instead of betting again. Together: a collapsed link costs a request at
-/// most about 10% over recomputing.
+/// no choice fits the budget a fetch is only risked if [`FETCH_TIMEOUT_FACTOR`] times its
+/// expected duration stays under this fraction, so that once a link has collapsed (the estimate
+/// fell with the timeout that revealed it) requests go straight to text instead of betting
+/// again. A link that collapses during a request costs that request at most what was left of
+/// its budget, or this fraction of recomputing, whichever is more.
 pub const MAX_RISK: f64 = 0.1;
+
+/// Transfers the bandwidth estimate remembers (the prior counts as one until pushed out).
+pub const BANDWIDTH_HISTORY: usize = 5;
 
 /// Per-chunk choices under a budget (see the module docs).
 #[derive(Debug, Clone)]
 pub struct StreamPlanner {
     inputs: PlannerInputs,
-    bandwidth: f64,
+    /// Throughputs of the last [`BANDWIDTH_HISTORY`] transfers, bytes per second, oldest first.
+    recent: VecDeque<f64>,
+    /// Set by a timeout, cleared by the next completed transfer: the link is known to be slower.
+    cap: Option<f64>,
     decode_speed: f64,
 }
 
@@ -208,15 +217,19 @@ impl StreamPlanner {
     /// A planner with its estimates at the priors.
     pub fn new(inputs: PlannerInputs) -> Self {
         Self {
-            bandwidth: inputs.prior_bytes_per_s.max(1.0),
+            recent: VecDeque::from([inputs.prior_bytes_per_s.max(1.0)]),
+            cap: None,
             decode_speed: inputs.decode_bytes_per_s.max(1.0),
             inputs,
         }
     }
 
-    /// The current bandwidth estimate, bytes per second.
+    /// The bandwidth estimate, bytes per second: the harmonic mean of the recent transfers'
+    /// throughputs (as robust-MPC video players predict throughput: one fast transfer does not
+    /// lift it much, a slow one pulls it down), capped after a timeout.
     pub fn bandwidth(&self) -> f64 {
-        self.bandwidth
+        let harmonic = self.recent.len() as f64 / self.recent.iter().map(|r| 1.0 / r).sum::<f64>();
+        self.cap.map_or(harmonic, |cap| harmonic.min(cap))
     }
 
     /// The current decode-speed estimate, object bytes per second.
@@ -226,26 +239,60 @@ impl StreamPlanner {
 
     /// Records a completed transfer of `bytes` that took `took`.
     pub fn observe(&mut self, bytes: u64, took: Duration) {
-        ewma(&mut self.bandwidth, bytes, took);
+        let secs = took.as_secs_f64();
+        if secs <= 0.0 || bytes == 0 {
+            return;
+        }
+        self.recent.push_back(bytes as f64 / secs);
+        if self.recent.len() > BANDWIDTH_HISTORY {
+            self.recent.pop_front();
+        }
+        self.cap = None;
     }
 
     /// Records the decoding of a chunk of `bytes` that took `took`.
     pub fn observe_decode(&mut self, bytes: u64, took: Duration) {
-        ewma(&mut self.decode_speed, bytes, took);
+        let secs = took.as_secs_f64();
+        if secs > 0.0 && bytes > 0 {
+            let measured = bytes as f64 / secs;
+            self.decode_speed =
+                DECODE_WEIGHT * measured + (1.0 - DECODE_WEIGHT) * self.decode_speed;
+        }
     }
 
     /// Expected seconds to fetch `bytes` at the current estimate.
     pub fn fetch_secs(&self, bytes: u64) -> f64 {
-        bytes as f64 / self.bandwidth
+        bytes as f64 / self.bandwidth()
     }
 
-    /// How long to wait for a fetch of `bytes` of the chunk starting at token `start` before
-    /// giving up on it (and recomputing from `start` on): [`FETCH_TIMEOUT_FACTOR`] times its
-    /// expected duration, or [`MAX_RISK`] of recomputing, whichever is later.
-    pub fn fetch_timeout(&self, bytes: u64, start: usize, prompt_tokens: usize) -> Duration {
-        let floor = MAX_RISK * self.inputs.prefill.secs(start, prompt_tokens);
-        Duration::from_secs_f64((FETCH_TIMEOUT_FACTOR * self.fetch_secs(bytes)).max(floor))
-            .max(MIN_FETCH_TIMEOUT)
+    /// How long to wait for a fetch of `bytes` of `next` (chosen `elapsed` into the request,
+    /// `later` after it) before giving up on it and recomputing from its first token on. The
+    /// latest of: as long as the budget can still be met with the rest at its cheapest (waiting
+    /// within the budget costs no violation); [`FETCH_TIMEOUT_FACTOR`] times the expected
+    /// duration; [`MAX_RISK`] of recomputing; [`MIN_FETCH_TIMEOUT`].
+    pub fn fetch_timeout(
+        &self,
+        elapsed: Duration,
+        next: &ChunkOffer,
+        later: &[ChunkOffer],
+        prompt_tokens: usize,
+        bytes: u64,
+    ) -> Duration {
+        let slack = self.left(elapsed)
+            - self.decode_secs(bytes)
+            - self.best_rest(later, next.end(), prompt_tokens);
+        let floor = MAX_RISK * self.inputs.prefill.secs(next.start, prompt_tokens);
+        let secs = (FETCH_TIMEOUT_FACTOR * self.fetch_secs(bytes))
+            .max(floor)
+            .max(slack);
+        Duration::from_secs_f64(secs).max(MIN_FETCH_TIMEOUT)
+    }
+
+    /// Seconds of the budget left `elapsed` into the request, the engine's overhead reserved.
+    fn left(&self, elapsed: Duration) -> f64 {
+        self.inputs.budget.as_secs_f64()
+            - elapsed.as_secs_f64()
+            - self.inputs.engine_overhead.as_secs_f64()
     }
 
     fn decode_secs(&self, bytes: u64) -> f64 {
@@ -282,9 +329,7 @@ impl StreamPlanner {
         later: &[ChunkOffer],
         prompt_tokens: usize,
     ) -> Choice {
-        let left = self.inputs.budget.as_secs_f64()
-            - elapsed.as_secs_f64()
-            - self.inputs.engine_overhead.as_secs_f64();
+        let left = self.left(elapsed);
         let end = later.last().unwrap_or(next).end();
         let suffix = self.inputs.prefill.secs(end, prompt_tokens);
         let load = |bytes: u64| self.fetch_secs(bytes) + self.decode_secs(bytes);
@@ -323,18 +368,10 @@ impl StreamPlanner {
     pub fn observe_timeout(&mut self, bytes: u64, took: Duration) {
         let secs = took.as_secs_f64();
         if secs > 0.0 && bytes > 0 {
-            self.bandwidth = self.bandwidth.min(0.5 * bytes as f64 / secs);
+            let bound = 0.5 * bytes as f64 / secs;
+            self.cap = Some(self.cap.map_or(bound, |cap| cap.min(bound)));
         }
     }
-}
-
-fn ewma(estimate: &mut f64, bytes: u64, took: Duration) {
-    let secs = took.as_secs_f64();
-    if secs <= 0.0 || bytes == 0 {
-        return;
-    }
-    let measured = bytes as f64 / secs;
-    *estimate = BANDWIDTH_WEIGHT * measured + (1.0 - BANDWIDTH_WEIGHT) * *estimate;
 }
 
 /// What happened to one chunk of a streamed load.
@@ -632,22 +669,42 @@ mod tests {
     #[test]
     fn the_estimate_follows_observed_transfers() {
         let mut p = planner(100e6);
+        // The harmonic mean of the prior and a 1 MB/s transfer: pulled towards the slow one.
         p.observe(MB, Duration::from_millis(1000));
-        assert!((p.bandwidth() - 0.5 * 1e6 - 0.5 * 100e6).abs() < 1.0);
+        let want = 2.0 / (1.0 / 100e6 + 1.0 / 1e6);
+        assert!((p.bandwidth() - want).abs() < 1.0, "{}", p.bandwidth());
         p.observe(MB, Duration::ZERO);
         p.observe(0, Duration::from_secs(1));
         assert!(
-            (p.bandwidth() - 50.5e6).abs() < 1.0,
+            (p.bandwidth() - want).abs() < 1.0,
             "empty observations are ignored"
         );
-        // A fetch is given up after a few times its expected duration, or a tenth of what
-        // recomputing from its chunk on takes, and not too soon.
-        assert_eq!(p.fetch_timeout(0, 0, 0), MIN_FETCH_TIMEOUT);
-        let t = p.fetch_timeout(101 * MB, 0, 0).as_secs_f64();
-        assert!((t - FETCH_TIMEOUT_FACTOR * 2.0).abs() < 1e-6, "{t}");
+        // Only the last few transfers count.
+        for _ in 0..BANDWIDTH_HISTORY {
+            p.observe(4 * MB, Duration::from_secs(1));
+        }
+        assert!((p.bandwidth() - 4e6).abs() < 1.0, "{}", p.bandwidth());
+        // A fetch is given up once the budget is lost, after twice its expected time and a
+        // tenth of what recomputing from its chunk on takes, and not too soon.
+        let late = Duration::from_secs(10);
+        assert_eq!(
+            p.fetch_timeout(late, &offer_at(0), &[], 256, 0),
+            MIN_FETCH_TIMEOUT
+        );
+        let t = p
+            .fetch_timeout(late, &offer_at(0), &[], 256, 40 * MB)
+            .as_secs_f64();
+        assert!((t - FETCH_TIMEOUT_FACTOR * 10.0).abs() < 1e-6, "{t}");
         // 2,560 tokens at 512 per second: 5 s to recompute, so at least 0.5 s.
-        let t = p.fetch_timeout(MB, 0, 2560).as_secs_f64();
+        let t = p
+            .fetch_timeout(late, &offer_at(0), &[], 2560, 1)
+            .as_secs_f64();
         assert!((t - MAX_RISK * 5.0).abs() < 1e-6, "{t}");
+        // With the whole 1 s budget ahead and nothing after the chunk, it may take all of it.
+        let t = p
+            .fetch_timeout(Duration::ZERO, &offer_at(0), &[], 256, 1)
+            .as_secs_f64();
+        assert!((t - 1.0).abs() < 1e-6, "{t}");
         // A fetch of 1 MB given up after 1 s caps the estimate at half a MB per second; one
         // such timeout, and a bet on the same link that would risk a tenth of recomputing is
         // text: coarse (1 MB) would take 2 s against 5 s of recomputing 2,560 tokens.

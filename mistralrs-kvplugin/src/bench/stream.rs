@@ -15,8 +15,10 @@
 //!    level; the median of TTFT minus load time is the engine's overhead of a hit (installing
 //!    the cache, the first step), which the adaptive planner reserves out of the budget.
 //! 5. Reader engine (hook, prefix cache off) over the same store behind a [`ShapedStore`]
-//!    replaying the trace: per policy, every request; before each request the trace is moved to
-//!    `request * --trace-stride` (per-request traces), so every policy sees the same bandwidths.
+//!    replaying the trace: per policy, every request; before request `r` the trace is moved to
+//!    `(r + 1) * --trace-stride` (per-request traces), so every policy sees the same bandwidths.
+//!    The adaptive policy first makes one unmeasured lookup at the trace's start (position 0),
+//!    as a deployed hook carries its bandwidth estimate over from earlier lookups.
 //!    Fixed policies wait for their chunks up to the hook's load timeout (the full-prefill time:
 //!    past it a load cannot win).
 //! 6. Quality, per policy and request: the choices the load made are replayed on the unshaped
@@ -73,7 +75,8 @@ pub struct StreamBenchArgs {
     /// Tokens between the starts of consecutive requests' prompts in the text.
     #[arg(long, default_value_t = 384)]
     stride: usize,
-    /// Trace values each request moves on by (per-request traces).
+    /// Trace values each request moves on by (per-request traces); request `r` starts at value
+    /// `(r + 1) * trace_stride`, the first stretch warms the adaptive loader up.
     #[arg(long, default_value_t = 8)]
     trace_stride: usize,
     /// Tokens of following text for the quality measurement.
@@ -414,11 +417,18 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
                 // same conditions as the other policies (discovery's HEADs cost milliseconds).
                 Policy::Text => StreamPolicy::Planned(Vec::new()),
             }));
+            if matches!(policy, Policy::Adaptive) {
+                // One unmeasured lookup at the trace's start: a deployed hook carries its
+                // bandwidth estimate from lookup to lookup, so a cold prior is the benchmark's
+                // artefact, not the loader's.
+                shaped.seek(0);
+                reader.complete(&requests[0].prompt, 1).await?;
+            }
             let mut ttfts = Vec::new();
             let mut per_request = Vec::new();
             let (mut ppl_deltas, mut greedy) = (Vec::new(), Vec::new());
             for (r, request) in requests.iter().enumerate() {
-                shaped.seek(r * args.trace_stride);
+                shaped.seek((r + 1) * args.trace_stride);
                 let before = reader_hook.metrics().snapshot().lookups;
                 let ttft = reader
                     .complete(&request.prompt, 1)

@@ -181,7 +181,8 @@ impl ObjectPrefixStore {
             let fetch_started = Instant::now();
             let fetched = match planner.as_mut() {
                 Some(p) => {
-                    let limit = p.fetch_timeout(expected, offer.start, prompt.len());
+                    let limit =
+                        p.fetch_timeout(at, offer, &offers[i + 1..], prompt.len(), expected);
                     match tokio::time::timeout(limit, self.get(&path)).await {
                         Ok(fetched) => fetched,
                         Err(_) => {
