@@ -1,6 +1,7 @@
 //! Streamed lookups on the real engine and model: the hook loads a stored prefix chunk by chunk
 //! under an adaptive policy through a bandwidth-shaped store; when the link goes down part-way,
-//! the engine installs the chunks that arrived, prefills the rest, and answers exactly as stock.
+//! the hook hands the engine the chunks that arrived, the engine prefills the rest, and answers
+//! exactly as stock.
 
 use std::{sync::Arc, time::Duration};
 
@@ -94,10 +95,12 @@ async fn a_link_lost_mid_stream_installs_what_arrived_and_answers_as_stock() {
     let report = reader.last_stream_report().expect("a streamed lookup");
     assert_eq!(report.summary(), "LL!", "{report:?}");
     assert_eq!(report.covered_tokens, 2 * CHUNK);
+    // (`last_reused_tokens` is not checked: the engine's start-up warm-up sequence may be
+    // reported after this one and overwrite it; `engine_hooks.rs` checks what the engine reuses.)
     assert_eq!(
-        (m.hits, m.hit_tokens, m.last_reused_tokens),
-        (1, 2 * CHUNK as u64, 2 * CHUNK as u64),
-        "the two chunks that arrived were installed: {m:?}"
+        (m.hits, m.hit_tokens),
+        (1, 2 * CHUNK as u64),
+        "the two chunks that arrived were handed to the engine: {m:?}"
     );
     assert_eq!(
         (
