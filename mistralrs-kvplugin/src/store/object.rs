@@ -458,16 +458,10 @@ fn decode_parts(
         .par_iter()
         .zip(expected)
         .map(|((bytes, take), want)| {
-            let (object_tokens, encoded) = parse_envelope(bytes)?;
+            let (object_tokens, chunk) = parse_object(bytes, model)?;
             if object_tokens.len() < *take || object_tokens[..*take] != want[..] {
                 return Err(StoreError::Corrupt {
                     reason: "object's tokens differ from the prompt's".into(),
-                });
-            }
-            let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
-            if chunk.header().shape.n_tokens != object_tokens.len() {
-                return Err(StoreError::Corrupt {
-                    reason: "object's token count differs from its chunk's".into(),
                 });
             }
             Ok((chunk, *take))
@@ -512,14 +506,33 @@ fn decode_parts(
             Ok(tensor.to_dtype(candle_dtype(dtype))?)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(prefix_of(tokens, tensors))
+}
+
+/// The prefix whose tensors are, in order, layer 0's K and V, layer 1's K and V, ...
+pub(super) fn prefix_of(tokens: Vec<u32>, tensors: Vec<Tensor>) -> KvPrefix {
     let mut tensors = tensors.into_iter();
-    let layers = (0..shape.n_layers)
-        .map(|_| LayerKv {
-            k: tensors.next().expect("2 tensors per layer"),
-            v: tensors.next().expect("2 tensors per layer"),
-        })
-        .collect();
-    Ok(KvPrefix { tokens, layers })
+    let mut layers = Vec::new();
+    while let (Some(k), Some(v)) = (tensors.next(), tensors.next()) {
+        layers.push(LayerKv { k, v });
+    }
+    KvPrefix { tokens, layers }
+}
+
+/// An object's token ids and its checked codec chunk (magic, version, checksum, model, and a
+/// token count that agrees with the envelope's).
+pub(super) fn parse_object<'a>(
+    bytes: &'a [u8],
+    model: &ModelFingerprint,
+) -> Result<(Vec<u32>, ParsedChunk<'a>), StoreError> {
+    let (tokens, encoded) = parse_envelope(bytes)?;
+    let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
+    if chunk.header().shape.n_tokens != tokens.len() {
+        return Err(StoreError::Corrupt {
+            reason: "object's token count differs from its chunk's".into(),
+        });
+    }
+    Ok((tokens, chunk))
 }
 
 pub(super) fn candle_dtype(dtype: KvDType) -> DType {

@@ -24,17 +24,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use futures::{future, stream, StreamExt, TryStreamExt};
-use mistralrs_core::{KvPrefix, LayerKv};
+use mistralrs_core::KvPrefix;
 use object_store::path::Path;
 use rayon::prelude::*;
 
 use super::{
     common_prefix_len,
-    object::{candle_dtype, parse_envelope},
+    object::{candle_dtype, parse_envelope, parse_object, prefix_of},
     ObjectPrefixStore, StoreError,
 };
 use crate::{
-    codec::{Dest, KvDType, Level, ParsedChunk},
+    codec::{Dest, KvDType, Level},
     fingerprint::ModelFingerprint,
     stream::{
         Choice, ChunkDecision, ChunkOffer, ChunkOutcome, StreamPlanner, StreamPolicy, StreamReport,
@@ -421,17 +421,8 @@ fn decode_into(
     n_alloc: usize,
 ) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
     let started = Instant::now();
-    let parsed = parse_envelope(bytes).and_then(|(tokens, encoded)| {
-        let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
-        if chunk.header().shape.n_tokens != tokens.len() {
-            return Err(StoreError::Corrupt {
-                reason: "object's token count differs from its chunk's".into(),
-            });
-        }
-        Ok(chunk)
-    });
-    let chunk = match parsed {
-        Ok(chunk) => chunk,
+    let chunk = match parse_object(bytes, model) {
+        Ok((_, chunk)) => chunk,
         Err(e) => return (buffers, Err(e)),
     };
     let (shape, dtype) = (chunk.header().shape, chunk.header().dtype);
@@ -498,12 +489,5 @@ fn into_prefix(buffers: DecodeBuffers, tokens: Vec<u32>) -> Result<KvPrefix, Sto
             Ok(t.to_dtype(dtype)?)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let mut tensors = tensors.into_iter();
-    let layers = (0..buffers.n_layers)
-        .map(|_| LayerKv {
-            k: tensors.next().expect("2 tensors per layer"),
-            v: tensors.next().expect("2 tensors per layer"),
-        })
-        .collect();
-    Ok(KvPrefix { tokens, layers })
+    Ok(prefix_of(tokens, tensors))
 }
