@@ -34,6 +34,7 @@ pub fn prefix(tokens: &[u32], seed: f32) -> KvPrefix {
     };
     KvPrefix {
         tokens: tokens.to_vec(),
+        approximate_from: None,
         layers: (0..LAYERS)
             .map(|l| LayerKv {
                 k: layer(l, 0.0),

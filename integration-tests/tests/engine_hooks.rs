@@ -275,6 +275,7 @@ impl FaultyHook {
         };
         KvPrefix {
             tokens: tokens.to_vec(),
+            approximate_from: None,
             layers: (0..model.num_layers)
                 .map(|_| LayerKv {
                     k: zeros(),

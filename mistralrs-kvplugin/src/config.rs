@@ -203,6 +203,9 @@ pub struct PluginConfig {
     pub read_only: bool,
     /// Adaptive streaming of lookups; absent: whole loads at `level`.
     pub stream: Option<StreamSettings>,
+    /// Blended lookups (CacheBlend): selection steps, deviation, document-cache memory,
+    /// separator (see [`crate::blend::BlendConfig`]).
+    pub blend: crate::blend::BlendConfig,
 }
 
 impl Default for PluginConfig {
@@ -221,6 +224,7 @@ impl Default for PluginConfig {
             min_prefix_tokens: hook.min_prefix_tokens,
             read_only: hook.read_only,
             stream: None,
+            blend: hook.blend,
         }
     }
 }
@@ -326,6 +330,9 @@ impl PluginConfig {
         if self.store.url.is_empty() {
             return Err(bad("store.url", "must not be empty"));
         }
+        self.blend
+            .validate()
+            .map_err(|reason| bad("blend", reason))?;
         if let Some(stream) = &self.stream {
             stream.validate()?;
         }
@@ -433,6 +440,7 @@ impl PluginConfig {
             min_prefix_tokens: self.min_prefix_tokens,
             read_only: self.read_only,
             stream: self.stream.as_ref().map(StreamSettings::policy),
+            blend: self.blend.clone(),
         }
     }
 }

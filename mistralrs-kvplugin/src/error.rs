@@ -30,6 +30,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// Input the caller gave is unusable (the message says why).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// An I/O error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -11,6 +11,8 @@
 //!   installs the chunks that arrived and leaves the rest to the engine.
 //! - With an adaptive streaming policy, each load starts from the bandwidth the previous one
 //!   measured.
+//! - A lookup whose prompt was announced with [`KvPluginHook::expect_blend`] is blended
+//!   ([`crate::blend`]); its cache is approximate, so only its exact rows are ever saved.
 
 use std::{
     sync::{Arc, Mutex, OnceLock},
@@ -19,10 +21,18 @@ use std::{
 
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
-use mistralrs_core::{FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv};
+use mistralrs_core::{
+    kv_hooks::KvLayerModel, FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv,
+};
 use tokio::sync::Semaphore;
 
 use crate::{
+    blend::{
+        chunk_key,
+        forward::{self, KvSupply, Segment, SegmentKv},
+        rope::Rope,
+        BlendConfig, BlendPlan, BlendReport, ChunkCache, ChunkSource, PlanBook, RatioController,
+    },
     fingerprint::ModelFingerprint,
     metrics::{Metrics, MetricsSnapshot},
     store::PrefixStore,
@@ -45,6 +55,9 @@ pub struct HookConfig {
     /// under this policy (see [`crate::stream`]). Changeable at run time with
     /// [`KvPluginHook::set_stream_policy`].
     pub stream: Option<StreamPolicy>,
+    /// How blended lookups select rows, and the memory for document caches. Changeable at run
+    /// time with [`KvPluginHook::set_blend_config`].
+    pub blend: BlendConfig,
 }
 
 impl Default for HookConfig {
@@ -55,6 +68,7 @@ impl Default for HookConfig {
             min_prefix_tokens: 16,
             read_only: false,
             stream: None,
+            blend: BlendConfig::default(),
         }
     }
 }
@@ -69,6 +83,21 @@ pub struct KvPluginHook {
     metrics: Arc<Metrics>,
     stream_policy: Mutex<Option<StreamPolicy>>,
     last_stream: Mutex<Option<StreamReport>>,
+    layers: OnceLock<BlendModel>,
+    plans: PlanBook,
+    chunk_cache: Arc<ChunkCache>,
+    blend_config: Mutex<BlendConfig>,
+    controller: Arc<Mutex<RatioController>>,
+    last_blend: Mutex<Option<BlendReport>>,
+}
+
+/// The registered model's layers, for blends.
+#[derive(Clone)]
+struct BlendModel {
+    layers: Arc<dyn KvLayerModel>,
+    rope: Rope,
+    /// Bytes of K and V per token, all layers.
+    bytes_per_token: usize,
 }
 
 impl KvPluginHook {
@@ -78,6 +107,12 @@ impl KvPluginHook {
             save_slots: Arc::new(Semaphore::new(config.max_pending_saves)),
             stream_policy: Mutex::new(config.stream.clone()),
             last_stream: Mutex::new(None),
+            layers: OnceLock::new(),
+            plans: PlanBook::default(),
+            chunk_cache: Arc::new(ChunkCache::new(config.blend.memory_bytes)),
+            blend_config: Mutex::new(config.blend.clone()),
+            controller: Arc::default(),
+            last_blend: Mutex::new(None),
             store,
             config,
             model: OnceLock::new(),
@@ -93,6 +128,267 @@ impl KvPluginHook {
     /// Changes how later lookups load (see [`HookConfig::stream`]).
     pub fn set_stream_policy(&self, policy: Option<StreamPolicy>) {
         *lock(&self.stream_policy) = policy;
+    }
+
+    /// Announces a blended prompt: the lookup of exactly `plan.tokens` will blend its documents'
+    /// caches instead of looking for a prefix. Send the request as these tokens.
+    pub fn expect_blend(&self, plan: BlendPlan) {
+        self.plans.insert(plan);
+    }
+
+    /// How later blends select rows.
+    pub fn set_blend_config(&self, config: BlendConfig) {
+        *lock(&self.blend_config) = config;
+    }
+
+    /// The report of the last blended lookup.
+    pub fn last_blend_report(&self) -> Option<BlendReport> {
+        lock(&self.last_blend).clone()
+    }
+
+    /// The in-memory document caches.
+    pub fn chunk_cache(&self) -> &ChunkCache {
+        &self.chunk_cache
+    }
+
+    /// Whether blends can run: an engine registered a model whose file offers layer access.
+    pub fn can_blend(&self) -> bool {
+        self.layers.get().is_some()
+    }
+
+    /// Makes sure the prefix and every document of `plan` have a cache in memory and in the
+    /// store, computing those that have none (documents indexed ahead of their first question).
+    /// Returns where each came from.
+    pub async fn prepare_blend(&self, plan: &BlendPlan) -> crate::Result<Vec<ChunkSource>> {
+        let (Some(model), Some(blend_model)) =
+            (self.model.get().copied(), self.layers.get().cloned())
+        else {
+            return Err(crate::Error::InvalidInput(
+                "no engine with layer access registered this hook".into(),
+            ));
+        };
+        let mut sources = Vec::new();
+        let parts = std::iter::once(0..plan.prefix_len)
+            .filter(|r| !r.is_empty())
+            .chain(plan.chunks.iter().cloned());
+        for range in parts {
+            let tokens = plan.tokens[range].to_vec();
+            let key = chunk_key(&model, &tokens);
+            if self.chunk_cache.get(&key).is_some() {
+                sources.push(ChunkSource::Memory);
+                continue;
+            }
+            if let Some(kv) = load_chunk(&*self.store, &model, &tokens).await {
+                self.chunk_cache.insert(key, kv);
+                sources.push(ChunkSource::Store);
+                continue;
+            }
+            let task_model = blend_model.clone();
+            let task_tokens = tokens.clone();
+            let kv = tokio::task::spawn_blocking(move || {
+                forward::standalone(&*task_model.layers, &task_model.rope, &task_tokens)
+            })
+            .await
+            .map_err(|e| crate::Error::Engine(anyhow::anyhow!("document forward: {e}")))??;
+            let kv = Arc::new(kv);
+            self.chunk_cache.insert(key, kv.clone());
+            self.store
+                .save(
+                    &model,
+                    KvPrefix {
+                        tokens,
+                        layers: kv.to_vec(),
+                        approximate_from: None,
+                    },
+                )
+                .await?;
+            self.metrics.blend_chunks_computed(1);
+            sources.push(ChunkSource::Computed);
+        }
+        Ok(sources)
+    }
+
+    /// The cache a blended lookup of `plan.tokens` hands the engine (all but the last token),
+    /// computed now; `None` when the blend cannot run (see the log). Benchmarks and tests use it
+    /// to look at the cache itself.
+    pub async fn blend_now(&self, plan: BlendPlan) -> Option<KvPrefix> {
+        let model = self.model.get().copied()?;
+        let prompt = plan.tokens.clone();
+        self.load_blended(model, plan, &prompt).await
+    }
+
+    /// The blended lookup of `prompt` under `plan` (see [`crate::blend`]).
+    async fn load_blended(
+        &self,
+        model: ModelFingerprint,
+        plan: BlendPlan,
+        prompt: &[u32],
+    ) -> Option<KvPrefix> {
+        let started = Instant::now();
+        let Some(blend_model) = self.layers.get().cloned() else {
+            tracing::warn!(
+                "kvplugin: this model file offers no layer access; blend skipped, prefilling"
+            );
+            self.metrics.blend_failures(1);
+            return None;
+        };
+        let config = lock(&self.blend_config).clone();
+        let rows = prompt.len() - 1;
+        let n_layers = blend_model.layers.num_layers();
+        // Parts: the exact prefix, the documents, then the question up to the last token.
+        let mut parts: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+        if plan.prefix_len > 0 {
+            parts.push((0..plan.prefix_len, true));
+        }
+        parts.extend(plan.chunks.iter().map(|r| (r.clone(), false)));
+        let question = plan.chunks.last().map_or(plan.prefix_len, |r| r.end)..rows;
+        let sources = Arc::new(Mutex::new(vec![ChunkSource::Memory; parts.len()]));
+        let mut segments = Vec::with_capacity(parts.len() + 1);
+        let mut load_bytes = 0u64;
+        let mut reused_rows = 0;
+        for (i, (range, exact)) in parts.iter().enumerate() {
+            let tokens = prompt[range.clone()].to_vec();
+            let key = chunk_key(&model, &tokens);
+            if !exact {
+                reused_rows += tokens.len();
+            }
+            let supply = match self.chunk_cache.get(&key) {
+                Some(kv) => {
+                    self.metrics.blend_chunks_memory(1);
+                    KvSupply::Ready(kv)
+                }
+                None => {
+                    load_bytes += (tokens.len() * blend_model.bytes_per_token) as u64;
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let (store, cache, metrics) = (
+                        self.store.clone(),
+                        self.chunk_cache.clone(),
+                        self.metrics.clone(),
+                    );
+                    let (sources, controller) = (sources.clone(), self.controller.clone());
+                    let bytes = (tokens.len() * blend_model.bytes_per_token) as u64;
+                    tokio::spawn(async move {
+                        let t0 = Instant::now();
+                        let kv = load_chunk(&*store, &model, &tokens).await;
+                        if let Some(kv) = &kv {
+                            lock(&controller).record_load(bytes, t0.elapsed().as_secs_f64());
+                            cache.insert(key, kv.clone());
+                            metrics.blend_chunks_store(1);
+                            lock(&sources)[i] = ChunkSource::Store;
+                        } else {
+                            lock(&sources)[i] = ChunkSource::Computed;
+                        }
+                        let _ = tx.send(kv);
+                    });
+                    KvSupply::Pending(rx)
+                }
+            };
+            segments.push(Segment {
+                len: range.len(),
+                kv: if *exact {
+                    SegmentKv::Exact(supply)
+                } else {
+                    SegmentKv::Reused(supply)
+                },
+            });
+        }
+        if !question.is_empty() {
+            segments.push(Segment {
+                len: question.len(),
+                kv: SegmentKv::Fresh,
+            });
+        }
+        let mut steps = config.steps.clone();
+        let mut ratio = config.ratio();
+        if config.adaptive_ratio {
+            let after = n_layers.saturating_sub(steps.last().map_or(0, |s| s.layer + 1));
+            ratio = lock(&self.controller).ratio(ratio, load_bytes, reused_rows, after);
+            for step in &mut steps {
+                step.keep = step.keep.max(ratio);
+            }
+        }
+        let tokens = prompt[..rows].to_vec();
+        let deviation = config.deviation;
+        let task_model = blend_model.clone();
+        let blended = tokio::task::spawn_blocking(move || {
+            forward::blend(
+                &*task_model.layers,
+                &task_model.rope,
+                &tokens,
+                segments,
+                &steps,
+                deviation,
+            )
+        })
+        .await;
+        let blended = match blended {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "kvplugin: blend failed; prefilling");
+                self.metrics.blend_failures(1);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kvplugin: blend task failed; prefilling");
+                self.metrics.blend_failures(1);
+                return None;
+            }
+        };
+        let report = blended.report;
+        let row_layers: usize = report.active_per_layer.iter().sum();
+        lock(&self.controller).record_compute(report.compute_s, row_layers);
+        // Documents computed because their load gave nothing: keep them for next time.
+        for (i, kv) in &report.computed {
+            let range = parts[*i].0.clone();
+            let doc = prompt[range].to_vec();
+            self.chunk_cache.insert(chunk_key(&model, &doc), kv.clone());
+            self.metrics.blend_chunks_computed(1);
+            let (store, kv) = (self.store.clone(), kv.clone());
+            tokio::spawn(async move {
+                let prefix = KvPrefix {
+                    tokens: doc,
+                    layers: kv.to_vec(),
+                    approximate_from: None,
+                };
+                if let Err(e) = store.save(&model, prefix).await {
+                    tracing::warn!(error = %e, "kvplugin: saving a document cache failed");
+                }
+            });
+        }
+        self.metrics.blends(1);
+        let exact_tokens = if plan.prefix_len > 0 {
+            plan.prefix_len
+        } else {
+            0
+        };
+        let summary = BlendReport {
+            prompt_tokens: prompt.len(),
+            exact_tokens,
+            reused_tokens: reused_rows,
+            ratio,
+            active_per_layer: report.active_per_layer,
+            sources: lock(&sources).clone(),
+            load_wait_s: report.load_wait_s,
+            compute_s: report.compute_s,
+            total_s: started.elapsed().as_secs_f64(),
+            last_attention: report.last_attention,
+            deviations: report.deviations,
+        };
+        tracing::info!(
+            prompt = summary.prompt_tokens,
+            documents = plan.chunks.len(),
+            ratio = summary.ratio,
+            sources = ?summary.sources,
+            wait_ms = summary.load_wait_s * 1e3,
+            compute_ms = summary.compute_s * 1e3,
+            "kvplugin: blended lookup"
+        );
+        *lock(&self.last_blend) = Some(summary);
+        Some(KvPrefix {
+            tokens: prompt[..rows].to_vec(),
+            layers: blended.layers,
+            approximate_from: (reused_rows > 0).then_some(exact_tokens),
+        })
     }
 
     /// The report of the last streamed lookup.
@@ -239,6 +535,7 @@ fn to_host(prefix: KvPrefix) -> candle_core::Result<KvPrefix> {
     Ok(KvPrefix {
         tokens: prefix.tokens,
         layers,
+        approximate_from: prefix.approximate_from,
     })
 }
 
@@ -254,6 +551,28 @@ impl KvHook for KvPluginHook {
             );
         }
         tracing::info!(model = %model.model_id, %fingerprint, "kvplugin: hook registered");
+        match &model.layers {
+            Some(layers) => match layers
+                .rope()
+                .and_then(|r| Rope::from_model(&r, layers.head_dim()))
+            {
+                Ok(rope) => {
+                    let bytes_per_token = layers.num_layers()
+                        * layers.num_kv_heads()
+                        * (model.k_head_dim + model.v_head_dim)
+                        * model.dtype.size_in_bytes();
+                    let _ = self.layers.set(BlendModel {
+                        layers: layers.clone(),
+                        rope,
+                        bytes_per_token,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "kvplugin: blends disabled for this model"),
+            },
+            None => {
+                tracing::info!("kvplugin: the model file offers no layer access; blends disabled")
+            }
+        }
         Ok(())
     }
 
@@ -263,7 +582,15 @@ impl KvHook for KvPluginHook {
         let Some(model) = self.model.get().copied() else {
             return;
         };
-        if self.config.read_only || finished.prefix.tokens.len() < self.config.min_prefix_tokens {
+        // Of an approximate (blended) cache only the exact rows may be kept.
+        let prefix = match finished.prefix.approximate_from {
+            None => finished.prefix,
+            Some(exact) => match truncate(finished.prefix, exact) {
+                Ok(prefix) => prefix,
+                Err(_) => return,
+            },
+        };
+        if self.config.read_only || prefix.tokens.len() < self.config.min_prefix_tokens {
             return;
         }
         let Ok(_slot) = self.save_slots.clone().try_acquire_owned() else {
@@ -271,11 +598,14 @@ impl KvHook for KvPluginHook {
             self.metrics.dropped_saves(1);
             return;
         };
-        self.save(model, finished.prefix).await;
+        self.save(model, prefix).await;
     }
 
     async fn load_prefix(&self, prompt: &[u32], cached_tokens: usize) -> Option<KvPrefix> {
         let model = self.model.get().copied()?;
+        if let Some(plan) = self.plans.take(prompt) {
+            return self.load_blended(model, plan, prompt).await;
+        }
         let min_tokens = cached_tokens.max(self.config.min_prefix_tokens.saturating_sub(1));
         if prompt.len() <= min_tokens + 1 {
             return None;
@@ -353,6 +683,48 @@ impl KvHook for KvPluginHook {
         // The hook enforces `load_timeout` itself (and counts it); the engine's own limit is a
         // backstop for a lookup that does not yield.
         self.config.load_timeout + Duration::from_secs(1)
+    }
+}
+
+/// The first `n` rows of `prefix` (exact rows of an approximate cache); an error for `n == 0`.
+fn truncate(prefix: KvPrefix, n: usize) -> candle_core::Result<KvPrefix> {
+    if n == 0 || n > prefix.tokens.len() {
+        candle_core::bail!("no exact rows to keep");
+    }
+    let layers = prefix
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(LayerKv {
+                k: l.k.narrow(2, 0, n)?,
+                v: l.v.narrow(2, 0, n)?,
+            })
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(KvPrefix {
+        tokens: prefix.tokens[..n].to_vec(),
+        layers,
+        approximate_from: None,
+    })
+}
+
+/// A document's cache from the store: the stored prefix of exactly its tokens, or `None` (a
+/// miss or any failure, logged).
+async fn load_chunk(
+    store: &dyn PrefixStore,
+    model: &ModelFingerprint,
+    tokens: &[u32],
+) -> Option<Arc<Vec<LayerKv>>> {
+    // `load` returns prefixes shorter than the prompt: one sentinel token past the document.
+    let mut prompt = tokens.to_vec();
+    prompt.push(u32::MAX);
+    match store.load(model, &prompt, tokens.len() - 1).await {
+        Ok(Some(prefix)) if prefix.tokens.len() == tokens.len() => Some(Arc::new(prefix.layers)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "kvplugin: loading a document cache failed; computing it");
+            None
+        }
     }
 }
 

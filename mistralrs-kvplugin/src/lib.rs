@@ -11,9 +11,11 @@
 //! - [`store`] holds the stores: [`store::MemoryPrefixStore`] and [`store::ObjectPrefixStore`]
 //!   (chunked, compressed, over any `object_store` backend: memory, local disk, S3);
 //! - [`engine`] runs the patched engine on a local model (tests, the demo and benchmarks);
+//! - [`blend`] reuses documents' caches at any position in RAG prompts (CacheBlend);
 //! - [`model`] finds the model files and converts the shipped GGUF into a Hugging Face folder.
 
 pub mod bench;
+pub mod blend;
 pub mod cli;
 pub mod codec;
 pub mod config;

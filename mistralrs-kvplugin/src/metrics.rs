@@ -19,6 +19,11 @@ pub struct Metrics {
     stream_chunks_loaded: AtomicU64,
     stream_chunks_text: AtomicU64,
     stream_chunks_failed: AtomicU64,
+    blends: AtomicU64,
+    blend_failures: AtomicU64,
+    blend_chunks_memory: AtomicU64,
+    blend_chunks_store: AtomicU64,
+    blend_chunks_computed: AtomicU64,
     saves: AtomicU64,
     saved_tokens: AtomicU64,
     save_failures: AtomicU64,
@@ -57,6 +62,16 @@ pub struct MetricsSnapshot {
     pub stream_chunks_text: u64,
     /// Chunks of streamed lookups that failed (each ends its lookup; the rest is recomputed).
     pub stream_chunks_failed: u64,
+    /// Blended lookups (CacheBlend) that returned a cache.
+    pub blends: u64,
+    /// Blended lookups that failed (each one a full prefill).
+    pub blend_failures: u64,
+    /// Document caches of blends found in memory.
+    pub blend_chunks_memory: u64,
+    /// Document caches of blends loaded from the store.
+    pub blend_chunks_store: u64,
+    /// Document caches of blends computed (and stored for next time).
+    pub blend_chunks_computed: u64,
     /// Prefixes written to the store.
     pub saves: u64,
     /// Tokens covered by the prefixes written.
@@ -108,6 +123,11 @@ counters!(
     stream_chunks_loaded,
     stream_chunks_text,
     stream_chunks_failed,
+    blends,
+    blend_failures,
+    blend_chunks_memory,
+    blend_chunks_store,
+    blend_chunks_computed,
     saves,
     saved_tokens,
     save_failures,

@@ -438,6 +438,7 @@ fn max_abs_diff(a: &PastKv, b: &PastKv) -> anyhow::Result<f64> {
 fn to_chunks(kv: &PastKv, chunk_tokens: usize) -> anyhow::Result<Vec<KvChunk>> {
     let prefix = KvPrefix {
         tokens: vec![0; kv.len()],
+        approximate_from: None,
         layers: kv
             .k
             .iter()

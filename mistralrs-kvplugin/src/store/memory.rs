@@ -147,6 +147,7 @@ impl PrefixStore for MemoryPrefixStore {
         Ok(Some(KvPrefix {
             tokens: prompt[..n_tokens].to_vec(),
             layers,
+            approximate_from: None,
         }))
     }
 }

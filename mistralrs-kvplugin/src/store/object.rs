@@ -516,7 +516,11 @@ pub(super) fn prefix_of(tokens: Vec<u32>, tensors: Vec<Tensor>) -> KvPrefix {
     while let (Some(k), Some(v)) = (tensors.next(), tensors.next()) {
         layers.push(LayerKv { k, v });
     }
-    KvPrefix { tokens, layers }
+    KvPrefix {
+        tokens,
+        layers,
+        approximate_from: None,
+    }
 }
 
 /// An object's token ids and its checked codec chunk (magic, version, checksum, model, and a
