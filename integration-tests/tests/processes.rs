@@ -134,3 +134,55 @@ fn two_processes_share_a_garage_bucket() {
     );
     store_then_hit(&config);
 }
+
+/// `kvplugin eval blend-qa` on a data set file of the documented format: every mode the command
+/// was asked for is reported with the documented keys, and `full` agrees with itself.
+#[test]
+fn eval_blend_qa_reports_each_mode_in_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("qa.jsonl");
+    let item = serde_json::json!({
+        "id": "gpl-1",
+        "chunks": [
+            "The GNU General Public License is a free, copyleft license for software and other kinds of works.",
+            "The licenses for most software and other practical works are designed to take away your freedom to share and change the works.",
+            "Developers that use the GNU GPL protect your rights with two steps: assert copyright on the software, and offer you this License."
+        ],
+        "question": "What kind of license is the GNU General Public License?",
+        "answers": ["a free, copyleft license"]
+    });
+    std::fs::write(&dataset, format!("{item}\n\n{item}\n")).unwrap();
+    let json = dir.path().join("eval.json");
+    let out = Command::new(kvplugin())
+        .args(["eval", "blend-qa", "--dataset"])
+        .arg(&dataset)
+        .args(["--modes", "full,reuse,blend-0.15,blend-0.25-k-gradual", "--max-new-tokens", "8", "--json"])
+        .arg(&json)
+        .env("KVPLUGIN_MODELS", integration_tests::models_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["n_items"], 2);
+    let modes = report["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["full", "reuse", "blend-0.15", "blend-0.25-k-gradual"]);
+    for m in modes {
+        for key in ["ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "f1", "em", "agreement_with_full"] {
+            let x = m[key].as_f64().unwrap_or_else(|| panic!("{key} in {m}"));
+            assert!(x >= 0.0 && (key.starts_with("ttft") || x <= 1.0), "{key} = {x}");
+        }
+    }
+    assert_eq!(modes[0]["agreement_with_full"], 1.0);
+
+    // A malformed line is named, and nothing runs.
+    std::fs::write(&dataset, format!("{item}\n{{\"id\": 3}}\n")).unwrap();
+    let out = Command::new(kvplugin())
+        .args(["eval", "blend-qa", "--dataset"])
+        .arg(&dataset)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! Timings live here, never in pass/fail tests.
 
 pub mod baselines;
+pub mod blend;
 pub mod codec;
 pub mod offload;
 pub mod stream;
@@ -20,4 +21,22 @@ pub fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
         .collect();
     times.sort();
     times[times.len() / 2]
+}
+
+/// The mean (0 for none).
+pub(crate) fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// The median (nearest rank).
+pub(crate) fn median(xs: &[f64]) -> f64 {
+    percentile(xs, 0.5)
+}
+
+/// The nearest-rank percentile; panics on an empty slice.
+pub(crate) fn percentile(xs: &[f64], p: f64) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }

@@ -40,7 +40,7 @@ use futures::TryStreamExt;
 use object_store::ObjectStore;
 use serde::Serialize;
 
-use super::codec::Quality;
+use super::{codec::Quality, mean, median, percentile};
 use crate::{
     codec::Level,
     config::PluginConfig,
@@ -564,22 +564,6 @@ async fn quality_of(
         Some(exact),
     )?;
     Ok((100.0 * (q.ppl / exact.ppl - 1.0), q.greedy_agreement))
-}
-
-fn mean(xs: &[f64]) -> f64 {
-    xs.iter().sum::<f64>() / xs.len().max(1) as f64
-}
-
-fn median(xs: &[f64]) -> f64 {
-    percentile(xs, 0.5)
-}
-
-/// The nearest-rank percentile.
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut sorted = xs.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn print_table(report: &TraceReport) {

@@ -57,6 +57,16 @@ enum Command {
     /// Benchmarks on the real model.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Quality evaluations on the real model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EvalCommand {
+    /// RAG questions with documents cached separately: full prefill, reuse and CacheBlend at
+    /// several ratios (TTFT, token F1, exact match, agreement with full prefill).
+    BlendQa(crate::bench::blend::EvalBlendArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +79,10 @@ enum BenchCommand {
     /// Replays bandwidth traces: the adaptive loader against each fixed level, always-lossless
     /// and always-text (violation rate, TTFT mean and p90, perplexity change, greedy agreement).
     Stream(crate::bench::stream::StreamBenchArgs),
+    /// CacheBlend: TTFT and throughput of full prefill, prefix caching, reuse and blend on RAG
+    /// prompts, and the selection diagnostics (attention deviation against the ratio, rank
+    /// correlation of deviations between layers).
+    Blend(crate::bench::blend::BlendBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -82,6 +96,8 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
+        Command::Bench(BenchCommand::Blend(args)) => crate::bench::blend::run_bench(args),
+        Command::Eval(EvalCommand::BlendQa(args)) => crate::bench::blend::run_eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
