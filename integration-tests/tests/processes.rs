@@ -156,21 +156,44 @@ fn eval_blend_qa_reports_each_mode_in_the_documented_json() {
     let out = Command::new(kvplugin())
         .args(["eval", "blend-qa", "--dataset"])
         .arg(&dataset)
-        .args(["--modes", "full,reuse,blend-0.15,blend-0.25-k-gradual", "--max-new-tokens", "8", "--json"])
+        .args([
+            "--modes",
+            "full,reuse,blend-0.15,blend-0.25-k-gradual",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ])
         .arg(&json)
         .env("KVPLUGIN_MODELS", integration_tests::models_dir())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["n_items"], 2);
     let modes = report["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["full", "reuse", "blend-0.15", "blend-0.25-k-gradual"]);
+    assert_eq!(
+        names,
+        ["full", "reuse", "blend-0.15", "blend-0.25-k-gradual"]
+    );
     for m in modes {
-        for key in ["ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "f1", "em", "agreement_with_full"] {
+        for key in [
+            "ttft_mean_s",
+            "ttft_p50_s",
+            "ttft_p90_s",
+            "f1",
+            "em",
+            "agreement_with_full",
+        ] {
             let x = m[key].as_f64().unwrap_or_else(|| panic!("{key} in {m}"));
-            assert!(x >= 0.0 && (key.starts_with("ttft") || x <= 1.0), "{key} = {x}");
+            assert!(
+                x >= 0.0 && (key.starts_with("ttft") || x <= 1.0),
+                "{key} = {x}"
+            );
         }
     }
     assert_eq!(modes[0]["agreement_with_full"], 1.0);

@@ -466,6 +466,24 @@ mod tests {
     }
 
     #[test]
+    fn a_blend_section_sets_the_selection() {
+        let c = PluginConfig::from_toml_str(
+            "[blend]\nsteps = [{ layer = 1, keep = 0.3 }, { layer = 2, keep = 0.2 }]\ndeviation = \"key\"\n",
+        )
+        .unwrap();
+        let blend = c.hook_config().blend;
+        assert_eq!(blend.steps.len(), 2);
+        assert_eq!(blend.deviation, crate::blend::Deviation::Key);
+        assert!((blend.ratio() - 0.2).abs() < 1e-6);
+        assert_eq!(blend.separator, crate::blend::DEFAULT_SEPARATOR);
+        let err = PluginConfig::from_toml_str(
+            "[blend]\nsteps = [{ layer = 2, keep = 0.1 }, { layer = 1, keep = 0.1 }]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("blend"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             ("level = \"best\"", "level"),

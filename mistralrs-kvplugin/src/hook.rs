@@ -168,11 +168,9 @@ impl KvPluginHook {
             ));
         };
         let mut sources = Vec::new();
-        let parts = std::iter::once(0..plan.prefix_len)
-            .filter(|r| !r.is_empty())
-            .chain(plan.chunks.iter().cloned());
-        for range in parts {
-            let tokens = plan.tokens[range].to_vec();
+        let sink = lock(&self.blend_config).document_sink;
+        for part in plan.cache_parts(sink) {
+            let tokens = part.cache_tokens;
             let key = chunk_key(&model, &tokens);
             if self.chunk_cache.get(&key).is_some() {
                 sources.push(ChunkSource::Memory);
@@ -236,21 +234,17 @@ impl KvPluginHook {
         let rows = prompt.len() - 1;
         let n_layers = blend_model.layers.num_layers();
         // Parts: the exact prefix, the documents, then the question up to the last token.
-        let mut parts: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-        if plan.prefix_len > 0 {
-            parts.push((0..plan.prefix_len, true));
-        }
-        parts.extend(plan.chunks.iter().map(|r| (r.clone(), false)));
+        let parts = plan.cache_parts(config.document_sink);
         let question = plan.chunks.last().map_or(plan.prefix_len, |r| r.end)..rows;
         let sources = Arc::new(Mutex::new(vec![ChunkSource::Memory; parts.len()]));
         let mut segments = Vec::with_capacity(parts.len() + 1);
         let mut load_bytes = 0u64;
         let mut reused_rows = 0;
-        for (i, (range, exact)) in parts.iter().enumerate() {
-            let tokens = prompt[range.clone()].to_vec();
+        for (i, part) in parts.iter().enumerate() {
+            let tokens = part.cache_tokens.clone();
             let key = chunk_key(&model, &tokens);
-            if !exact {
-                reused_rows += tokens.len();
+            if !part.exact {
+                reused_rows += part.range.len();
             }
             let supply = match self.chunk_cache.get(&key) {
                 Some(kv) => {
@@ -284,11 +278,14 @@ impl KvPluginHook {
                 }
             };
             segments.push(Segment {
-                len: range.len(),
-                kv: if *exact {
+                len: part.range.len(),
+                kv: if part.exact {
                     SegmentKv::Exact(supply)
                 } else {
-                    SegmentKv::Reused(supply)
+                    SegmentKv::Reused {
+                        supply,
+                        lead: part.cache_tokens[..part.lead].to_vec(),
+                    }
                 },
             });
         }
@@ -339,8 +336,7 @@ impl KvPluginHook {
         lock(&self.controller).record_compute(report.compute_s, row_layers);
         // Documents computed because their load gave nothing: keep them for next time.
         for (i, kv) in &report.computed {
-            let range = parts[*i].0.clone();
-            let doc = prompt[range].to_vec();
+            let doc = parts[*i].cache_tokens.clone();
             self.chunk_cache.insert(chunk_key(&model, &doc), kv.clone());
             self.metrics.blend_chunks_computed(1);
             let (store, kv) = (self.store.clone(), kv.clone());

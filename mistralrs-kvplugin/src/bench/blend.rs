@@ -11,7 +11,8 @@
 //! into place, only the question computed), `blend-R` (recompute the share R of document rows
 //! selected at layer 1 by value deviation; `-k` selects by key deviation, `-gradual` selects over
 //! layers 1-3 keeping 3R, 2R, then R), `blend-store-R` (as `blend-R`, with the documents loaded
-//! from the store instead of memory). Documents are cached before the timed requests (they were
+//! from the store instead of memory). `-alone` computes documents' caches alone rather than after
+//! the prompt's first token (see [`BlendConfig::document_sink`]). Documents are cached before the timed requests (they were
 //! retrieved and indexed earlier); the first question of each item is untimed warm-up for none.
 
 use std::{
@@ -126,15 +127,18 @@ pub enum Mode {
 pub fn parse_mode(name: &str) -> anyhow::Result<Mode> {
     let bad = || {
         anyhow::anyhow!(
-            "unknown mode `{name}` (full, prefix, reuse, blend-R[-k][-gradual], blend-store-R)"
+            "unknown mode `{name}` (full, prefix, reuse[-alone], blend-R[-k][-gradual][-alone], blend-store-R)"
         )
     };
     match name {
         "full" => return Ok(Mode::Full),
         "prefix" => return Ok(Mode::Prefix),
-        "reuse" => {
+        "reuse" | "reuse-alone" => {
             return Ok(Mode::Blend {
-                config: BlendConfig::reuse_only(),
+                config: BlendConfig {
+                    document_sink: name == "reuse",
+                    ..BlendConfig::reuse_only()
+                },
                 from_store: false,
             })
         }
@@ -150,13 +154,16 @@ pub fn parse_mode(name: &str) -> anyhow::Result<Mode> {
     if !(0.0..=1.0).contains(&ratio) {
         return Err(bad());
     }
+    // From memory a load costs nothing, so the controller would keep the ratio anyway; from the
+    // store it may raise it (loads slower than recomputing).
     let mut config = BlendConfig {
-        adaptive_ratio: false,
+        adaptive_ratio: from_store,
         ..BlendConfig::with_ratio(ratio)
     };
     for flag in parts {
         match flag {
             "k" => config.deviation = Deviation::Key,
+            "alone" => config.document_sink = false,
             "v" => config.deviation = Deviation::Value,
             "gradual" => {
                 config.steps = [(1, 3.0), (2, 2.0), (3, 1.0)]
@@ -529,6 +536,9 @@ struct TtftRow {
     ttft_mean_s: f64,
     ttft_p50_s: f64,
     ttfts_s: Vec<f64>,
+    /// Blend modes: the ratio used and the seconds the forward waited for loads, per request.
+    blend_ratios: Vec<f32>,
+    load_wait_s: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -602,6 +612,7 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
     for name in &ttft_modes {
         let mode = parse_mode(name)?;
         let mut times = Vec::new();
+        let (mut ratios, mut waits) = (Vec::new(), Vec::new());
         for (i, plan) in plans.iter().take(args.requests).enumerate() {
             if mode == Mode::Prefix {
                 // The same documents asked about before, in another order.
@@ -619,12 +630,18 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
                 g.ttft.as_secs_f64()
             );
             times.push(g.ttft.as_secs_f64());
+            if let (Mode::Blend { .. }, Some(r)) = (&mode, rig.hook.last_blend_report()) {
+                ratios.push(r.ratio);
+                waits.push(r.load_wait_s);
+            }
         }
         ttft.push(TtftRow {
             name: name.clone(),
             ttft_mean_s: mean(&times),
             ttft_p50_s: median(&times),
             ttfts_s: times,
+            blend_ratios: ratios,
+            load_wait_s: waits,
         });
     }
 
@@ -736,16 +753,29 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
         "{} ({} requests per mode, documents cached beforehand)",
         args.model, args.requests
     );
-    println!("| mode | TTFT mean (s) | TTFT p50 (s) | speed-up vs full (mean) |");
-    println!("|---|---|---|---|");
+    println!("| mode | TTFT mean (s) | TTFT p50 (s) | speed-up vs full (mean) | ratio used | load wait (s, mean) |");
+    println!("|---|---|---|---|---|---|");
     let full_mean = ttft[0].ttft_mean_s;
     for r in &ttft {
+        let ratios = r
+            .blend_ratios
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let wait = if r.load_wait_s.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.3}", mean(&r.load_wait_s))
+        };
         println!(
-            "| {} | {:.2} | {:.2} | {:.1}x |",
+            "| {} | {:.2} | {:.2} | {:.1}x | {} | {} |",
             r.name,
             r.ttft_mean_s,
             r.ttft_p50_s,
-            full_mean / r.ttft_mean_s
+            full_mean / r.ttft_mean_s,
+            if ratios.is_empty() { "-" } else { &ratios },
+            wait
         );
     }
     println!("| mode | requests | in flight | wall (s) | requests/min |");

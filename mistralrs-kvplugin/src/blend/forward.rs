@@ -2,7 +2,7 @@
 //!
 //! The prompt's rows are split into segments: an optional leading `Exact` segment (a cache equal
 //! to what a full prefill computes: nothing precedes it), `Reused` segments (each a document's
-//! cache computed on its own at positions `0..len` and moved to its place), and `Fresh` segments
+//! cache computed after a short lead, or alone, and moved to its place), and `Fresh` segments
 //! (no cache: the question). Layer by layer, the active rows are computed from their hidden
 //! states with the model's own projections and MLP ([`KvLayerModel`]); RoPE and attention run
 //! here, attending over the whole blended cache with a causal mask by position.
@@ -28,8 +28,16 @@ use super::rope::{row_distance, Rope};
 pub enum SegmentKv {
     /// Exact K/V for positions `0..len` (the leading segment only).
     Exact(KvSupply),
-    /// K/V of the same tokens computed alone at positions `0..len`, moved to the segment's place.
-    Reused(KvSupply),
+    /// K/V of the same tokens computed after `lead` (alone when it is empty), moved to the
+    /// segment's place. The cache holds `lead.len() + len` rows at positions `0..`; the lead's
+    /// rows are dropped.
+    Reused {
+        /// The cache.
+        supply: KvSupply,
+        /// Tokens the document was computed after (an attention sink, see
+        /// [`crate::blend::BlendConfig::document_sink`]).
+        lead: Vec<u32>,
+    },
     /// No cache: computed in every layer.
     Fresh,
 }
@@ -110,7 +118,8 @@ pub fn blend(
     Forward::new(model, rope, tokens, segments)?.run(steps, deviation)
 }
 
-/// A full forward of `tokens` at positions `0..len`: the cache a prefill of them alone computes.
+/// A full forward of `tokens` at positions `0..len`: the cache a prefill of them alone computes
+/// (a document's cache, with its lead first).
 pub fn standalone(model: &dyn KvLayerModel, rope: &Rope, tokens: &[u32]) -> Result<Vec<LayerKv>> {
     let segments = vec![Segment {
         len: tokens.len(),
@@ -125,6 +134,8 @@ struct SegmentState {
     kind: Kind,
     supply: Option<KvSupply>,
     kv: Option<Arc<Vec<LayerKv>>>,
+    /// Rows of the cache before the segment's own (see [`SegmentKv::Reused`]).
+    lead: Vec<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -169,18 +180,25 @@ impl<'a> Forward<'a> {
         let mut start = 0;
         let mut states = Vec::with_capacity(segments.len());
         for (i, segment) in segments.into_iter().enumerate() {
-            let (kind, supply) = match segment.kv {
-                SegmentKv::Exact(s) if i == 0 => (Kind::Exact, Some(s)),
+            let (kind, supply, lead) = match segment.kv {
+                SegmentKv::Exact(s) if i == 0 => (Kind::Exact, Some(s), Vec::new()),
                 SegmentKv::Exact(_) => candle_core::bail!("only the first segment can be exact"),
-                SegmentKv::Reused(s) => (Kind::Reused, Some(s)),
-                SegmentKv::Fresh => (Kind::Fresh, None),
+                SegmentKv::Reused { supply, lead } => (Kind::Reused, Some(supply), lead),
+                SegmentKv::Fresh => (Kind::Fresh, None, Vec::new()),
             };
+            if lead.len() > start {
+                candle_core::bail!(
+                    "a document at {start} cannot be moved back over its {}-token lead",
+                    lead.len()
+                );
+            }
             states.push(SegmentState {
                 start,
                 len: segment.len,
                 kind,
                 supply,
                 kv: None,
+                lead,
             });
             start += segment.len;
         }
@@ -223,9 +241,10 @@ impl<'a> Forward<'a> {
             None => candle_core::bail!("segment {i} has no cache"),
         };
         self.report.load_wait_s += waited.elapsed().as_secs_f64();
+        let lead = self.segments[i].lead.clone();
         let kv = match loaded {
             Some(kv) => {
-                let (start, len) = (self.segments[i].start, self.segments[i].len);
+                let (start, len) = (self.segments[i].start, self.segments[i].len + lead.len());
                 let layers = self.model.num_layers();
                 let shape_ok = kv.len() == layers
                     && kv
@@ -238,11 +257,9 @@ impl<'a> Forward<'a> {
             }
             None => {
                 let (start, len) = (self.segments[i].start, self.segments[i].len);
-                let kv = Arc::new(standalone(
-                    self.model,
-                    self.rope,
-                    &self.tokens[start..start + len],
-                )?);
+                let mut tokens = lead;
+                tokens.extend_from_slice(&self.tokens[start..start + len]);
+                let kv = Arc::new(standalone(self.model, self.rope, &tokens)?);
                 self.report.computed.push((i, kv.clone()));
                 kv
             }
@@ -267,8 +284,11 @@ impl<'a> Forward<'a> {
                 Kind::Exact => {}
                 Kind::Reused => {
                     let kv = self.segment_kv(i)?;
-                    ks.push(self.rope.shift(&kv[layer].k.to_dtype(DType::F32)?, start)?);
-                    vs.push(kv[layer].v.to_dtype(DType::F32)?);
+                    let lead = self.segments[i].lead.len();
+                    let rows =
+                        |t: &Tensor| t.narrow(2, lead, len)?.to_dtype(DType::F32)?.contiguous();
+                    ks.push(self.rope.shift(&rows(&kv[layer].k)?, start - lead)?);
+                    vs.push(rows(&kv[layer].v)?);
                 }
                 Kind::Fresh => {
                     let zeros =
@@ -278,7 +298,10 @@ impl<'a> Forward<'a> {
                 }
             }
         }
-        Ok((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?))
+        Ok((
+            Tensor::cat(&ks, 2)?.contiguous()?,
+            Tensor::cat(&vs, 2)?.contiguous()?,
+        ))
     }
 
     fn exact_layer(&mut self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {

@@ -57,6 +57,13 @@ pub struct BlendConfig {
     pub separator: String,
     /// Raise the ratio to the one at which recomputing takes as long as loading.
     pub adaptive_ratio: bool,
+    /// Compute each document's cache after the prompt's first token rather than alone. A
+    /// document computed alone makes its own first token an attention sink (a huge key, a tiny
+    /// value, in every deep layer); moved into a prompt, that row keeps drawing attention unless
+    /// it is selected. After the prompt's first token (`<|im_start|>` in chat prompts) the sink
+    /// is that token, as in the full prefill. The document's cache is then keyed by that token
+    /// and its own tokens, still nothing else of what precedes it.
+    pub document_sink: bool,
 }
 
 impl Default for BlendConfig {
@@ -70,6 +77,7 @@ impl Default for BlendConfig {
             memory_bytes: 2 << 30,
             separator: DEFAULT_SEPARATOR.to_string(),
             adaptive_ratio: true,
+            document_sink: true,
         }
     }
 }
@@ -149,6 +157,51 @@ pub struct BlendPlan {
     pub prefix_len: usize,
     /// Token ranges of the documents, in order, back to back after the prefix.
     pub chunks: Vec<Range<usize>>,
+}
+
+/// One cached part of a blended prompt: the prefix (exact) or a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachePart {
+    /// The tokens its cache is computed on and keyed by: the lead, then the part's own tokens.
+    pub cache_tokens: Vec<u32>,
+    /// Leading tokens of `cache_tokens` that are not the part's (dropped when it is reused).
+    pub lead: usize,
+    /// Where the part's own tokens are in the prompt.
+    pub range: Range<usize>,
+    /// The prefix, whose cache is exact in place.
+    pub exact: bool,
+}
+
+impl BlendPlan {
+    /// The prefix (if any) and the documents, with the tokens each cache is computed on: a
+    /// document not at the start of the prompt gets the prompt's first token as its lead when
+    /// `document_sink` is on (see [`BlendConfig::document_sink`]).
+    pub fn cache_parts(&self, document_sink: bool) -> Vec<CachePart> {
+        let mut parts = Vec::with_capacity(self.chunks.len() + 1);
+        if self.prefix_len > 0 {
+            parts.push(CachePart {
+                cache_tokens: self.tokens[..self.prefix_len].to_vec(),
+                lead: 0,
+                range: 0..self.prefix_len,
+                exact: true,
+            });
+        }
+        for range in &self.chunks {
+            let mut cache_tokens = Vec::with_capacity(range.len() + 1);
+            if document_sink && range.start > 0 {
+                cache_tokens.push(self.tokens[0]);
+            }
+            let lead = cache_tokens.len();
+            cache_tokens.extend_from_slice(&self.tokens[range.clone()]);
+            parts.push(CachePart {
+                cache_tokens,
+                lead,
+                range: range.clone(),
+                exact: false,
+            });
+        }
+        parts
+    }
 }
 
 impl BlendPrompt {
