@@ -28,6 +28,14 @@
 //! engine_overhead_ms = 50             # what a hit costs the engine besides the load
 //! decode_mb_s = 300                    # codec decode speed to assume at first
 //! prior_mbit_s = 1000                  # bandwidth to assume before the first transfer
+//!
+//! [blend]                              # CacheBlend lookups (see `crate::blend`)
+//! steps = [{ layer = 1, keep = 0.15 }] # after layer 1 keep the 15% most deviating document rows
+//! deviation = "value"                  # or "key"
+//! memory_bytes = 2147483648            # in-memory document caches (LRU)
+//! separator = "[[KVBLEND]]"            # between prefix, documents and question in marked text
+//! adaptive_ratio = true                # raise the ratio while loads are slower than recompute
+//! document_sink = true                 # compute documents after the prompt's first token
 //! ```
 //!
 //! Without `[stream]`, a lookup loads the whole prefix at `level`. With it, each chunk is
