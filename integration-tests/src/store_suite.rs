@@ -49,21 +49,24 @@ pub fn tokens(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7 + salt) % 1000).collect()
 }
 
+/// Largest absolute value of an F32 tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Largest absolute difference between the first `n` tokens of two prefixes, over every tensor.
 pub fn max_diff(a: &KvPrefix, b: &KvPrefix, n: usize) -> f32 {
     let mut max = 0f32;
     for (x, y) in a.layers.iter().zip(&b.layers) {
         for (s, t) in [(&x.k, &y.k), (&x.v, &y.v)] {
-            let d = (s.narrow(2, 0, n).unwrap() - t.narrow(2, 0, n).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs(&(s.narrow(2, 0, n).unwrap() - t.narrow(2, 0, n).unwrap()).unwrap());
             max = max.max(d);
         }
     }

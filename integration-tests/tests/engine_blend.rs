@@ -10,7 +10,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use integration_tests::{gguf_path, hf_dir, wait_for};
+use integration_tests::{gguf_path, hf_dir, store_suite::max_abs, wait_for};
 use mistralrs_core::KvPrefix;
 use mistralrs_kvplugin::{
     blend::{BlendConfig, BlendPlan, BlendPrompt, ChunkSource},
@@ -86,25 +86,8 @@ fn rel_diff(
         ] {
             let x = x.narrow(2, rows.start, rows.len()).unwrap();
             let y = y.narrow(2, rows.start, rows.len()).unwrap();
-            let scale = y
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (x - &y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&y);
+            let diff = max_abs(&(x - &y).unwrap());
             worst = worst.max(diff / scale.max(1e-6));
         }
     }

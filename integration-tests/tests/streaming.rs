@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::TryStreamExt;
-use integration_tests::store_suite::{max_diff, model, prefix, tokens, CHUNK};
+use integration_tests::store_suite::{max_abs, max_diff, model, prefix, tokens, CHUNK};
 use mistralrs_core::KvPrefix;
 use mistralrs_kvplugin::{
     codec::Level,
@@ -138,16 +138,7 @@ async fn fixed_levels_load_what_they_name_and_planned_choices_replay_a_load() {
     assert_eq!(max_diff(&hit, &f.saved, 2 * CHUNK), 0.0);
     let third = |p: &KvPrefix| p.layers[0].k.narrow(2, 2 * CHUNK, CHUNK).unwrap();
     assert_eq!(
-        (third(&hit) - third(&coarse_hit))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
+        max_abs(&(third(&hit) - third(&coarse_hit)).unwrap()),
         0.0,
         "the third chunk is the coarse one"
     );

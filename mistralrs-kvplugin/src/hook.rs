@@ -352,11 +352,7 @@ impl KvPluginHook {
             });
         }
         self.metrics.blends(1);
-        let exact_tokens = if plan.prefix_len > 0 {
-            plan.prefix_len
-        } else {
-            0
-        };
+        let exact_tokens = plan.prefix_len;
         let summary = BlendReport {
             prompt_tokens: prompt.len(),
             exact_tokens,

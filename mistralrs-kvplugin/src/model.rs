@@ -25,7 +25,10 @@ use tokenizers::{
     AddedToken, Tokenizer,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    engine::ModelSource,
+    error::{Error, Result},
+};
 
 /// File name of the shipped GGUF inside the models folder.
 pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -47,6 +50,19 @@ pub fn smollm2_gguf(models: &Path) -> PathBuf {
 /// The converted folder in `models`.
 pub fn smollm2_hf(models: &Path) -> PathBuf {
     models.join(SMOLLM2_HF_DIR)
+}
+
+/// The shipped model by the name the commands take: `gguf` (the Q4_1 GGUF, `quantized_llama.rs`)
+/// or `hf` (its F32 conversion, `llama.rs`), under [`models_dir`].
+pub fn shipped_source(name: &str) -> Result<ModelSource> {
+    let dir = models_dir();
+    match name {
+        "gguf" => Ok(ModelSource::Gguf(smollm2_gguf(&dir))),
+        "hf" => Ok(ModelSource::HfDir(smollm2_hf(&dir))),
+        other => Err(Error::InvalidInput(format!(
+            "--model must be gguf or hf, not `{other}`"
+        ))),
+    }
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {

@@ -327,15 +327,6 @@ impl Rig {
     }
 }
 
-fn source_of(model: &str) -> anyhow::Result<ModelSource> {
-    let dir = model::models_dir();
-    match model {
-        "hf" => Ok(ModelSource::HfDir(model::smollm2_hf(&dir))),
-        "gguf" => Ok(ModelSource::Gguf(model::smollm2_gguf(&dir))),
-        other => anyhow::bail!("--model must be hf or gguf, not `{other}`"),
-    }
-}
-
 fn memory_store() -> anyhow::Result<Arc<dyn PrefixStore>> {
     Ok(Arc::new(ObjectPrefixStore::new(
         Arc::new(object_store::memory::InMemory::new()),
@@ -416,7 +407,7 @@ async fn eval(args: EvalBlendArgs) -> anyhow::Result<()> {
     if modes.contains(&Mode::Prefix) {
         anyhow::bail!("`prefix` is a `bench blend` mode");
     }
-    let source = source_of(&args.model)?;
+    let source = model::shipped_source(&args.model)?;
     let rig = Rig::start(&source, memory_store()?, false).await?;
     let mut ttfts = vec![Vec::new(); modes.len()];
     let mut f1s = vec![Vec::new(); modes.len()];
@@ -577,7 +568,7 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
     let items = read_dataset(&args.dataset.clone().unwrap_or_else(default_dataset))?;
     let n_needed = args.requests.max(args.throughput_requests).max(1);
     let items: Vec<QaItem> = items.iter().cycle().take(n_needed).cloned().collect();
-    let source = source_of(&args.model)?;
+    let source = model::shipped_source(&args.model)?;
     std::fs::create_dir_all(&args.store)?;
     let backend = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
         &args.store,

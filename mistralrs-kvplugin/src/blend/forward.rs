@@ -357,6 +357,8 @@ impl<'a> Forward<'a> {
             let positions: Vec<u32> = active.iter().map(|r| r + self.exact_len as u32).collect();
             let positions_t = Tensor::new(positions.as_slice(), &self.device)?;
             let (q, k, v) = model.qkv(layer, &h)?;
+            // The cache keeps the model's activation dtype; the blend computes in F32.
+            let cache_dtype = k.dtype();
             let q = self
                 .rope
                 .at_positions(&q.to_dtype(DType::F32)?, &positions_t)?;
@@ -403,10 +405,9 @@ impl<'a> Forward<'a> {
                     attn.narrow(2, last, 1)?.flatten_all()?.to_vec1::<f32>()?;
             }
             h = model.finish(layer, &h, &attn.to_dtype(h.dtype())?)?;
-            let dtype = self.segments_dtype();
             out.push(LayerKv {
-                k: k_all.to_dtype(dtype)?,
-                v: v_all.to_dtype(dtype)?,
+                k: k_all.to_dtype(cache_dtype)?,
+                v: v_all.to_dtype(cache_dtype)?,
             });
             if let (Some(step), Some((rk, rv))) = (step, &reused) {
                 // Deviation of every active reused row at this layer.
@@ -443,17 +444,6 @@ impl<'a> Forward<'a> {
             layers: out,
             report: self.report,
         })
-    }
-
-    /// The dtype the output cache is kept in: that of the inputs' caches (F32 when none).
-    fn segments_dtype(&self) -> DType {
-        self.segments
-            .iter()
-            .filter_map(|s| s.kv.as_ref())
-            .filter_map(|kv| kv.first())
-            .map(|l| l.k.dtype())
-            .next()
-            .unwrap_or(DType::F32)
     }
 }
 

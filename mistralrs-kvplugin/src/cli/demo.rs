@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     codec::Level,
     corpus,
-    engine::{document_prompt, EngineOptions, LocalEngine, ModelSource},
+    engine::{document_prompt, EngineOptions, LocalEngine},
     hook::{HookConfig, KvPluginHook},
     model,
     store::{ObjectPrefixStore, ObjectStoreConfig},
@@ -65,11 +65,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
-    let source = match args.model.as_str() {
-        "gguf" => ModelSource::Gguf(model::smollm2_gguf(&model::models_dir())),
-        "hf" => ModelSource::HfDir(model::smollm2_hf(&model::models_dir())),
-        other => anyhow::bail!("--model must be gguf or hf, not `{other}`"),
-    };
+    let source = model::shipped_source(&args.model)?;
     let text = corpus::text_or_default(args.document.text.as_deref())?;
 
     println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
