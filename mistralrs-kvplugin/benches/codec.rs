@@ -3,7 +3,7 @@
 //! Throughput is reported in bytes of 16-bit KV (2 bytes a value), the unit of the codec targets.
 //! The data is synthetic but KV-like (per-channel offsets and outlier channels, smooth along
 //! tokens); `kvplugin bench codec` measures the same on the real model's cache. The `rans` group
-//! compares our coder with `constriction`'s ANS coder on the same symbols.
+//! compares our coders (version 2's eight lanes, version 1's four states) with `constriction`'s ANS coder on the same symbols.
 
 use constriction::{
     stream::{
@@ -105,22 +105,30 @@ fn rans_coder(c: &mut Criterion) {
     let mut counts = vec![0u32; 15];
     symbols.iter().for_each(|&s| counts[s as usize] += 1);
     let table = FreqTable::from_counts(&counts).unwrap();
-    let mut stream = Vec::new();
-    rans::encode(&symbols, &table, &mut stream);
     let mut group = c.benchmark_group("rans");
     group.throughput(Throughput::Elements(n as u64));
     group.sample_size(10);
-    group.bench_function("encode", |b| {
-        b.iter(|| {
-            let mut out = Vec::with_capacity(stream.len());
-            rans::encode(&symbols, &table, &mut out);
-            out
-        })
-    });
-    group.bench_function("decode", |b| {
-        let mut out = vec![0u16; n];
-        b.iter(|| rans::decode(&mut Reader::new(&stream), &table, &mut out).unwrap())
-    });
+    type Encoder = fn(&[u16], &FreqTable, &mut Vec<u8>);
+    type Decoder = fn(&mut Reader<'_>, &FreqTable, &mut [u16]) -> Result<(), codec::CodecError>;
+    let coders: [(&str, Encoder, Decoder); 2] = [
+        ("lanes", rans::encode_lanes, rans::decode_lanes),
+        ("four-states", rans::encode4, rans::decode4),
+    ];
+    for (name, encode, decode) in coders {
+        let mut stream = Vec::new();
+        encode(&symbols, &table, &mut stream);
+        group.bench_function(BenchmarkId::new("encode", name), |b| {
+            b.iter(|| {
+                let mut out = Vec::with_capacity(stream.len());
+                encode(&symbols, &table, &mut out);
+                out
+            })
+        });
+        group.bench_function(BenchmarkId::new("decode", name), |b| {
+            let mut out = vec![0u16; n];
+            b.iter(|| decode(&mut Reader::new(&stream), &table, &mut out).unwrap())
+        });
+    }
 
     // The well-kept alternative: constriction's ANS coder with a categorical model of the same
     // distribution, both its presets (24-bit probabilities on 32-bit words, and 12-bit

@@ -28,6 +28,20 @@ pub trait Scheme: Sync {
     fn encode(&self, chunk: &KvChunk, start: usize) -> Vec<u8>;
     /// Decompresses (the shape is known to the caller, as it would be from a store's metadata).
     fn decode(&self, bytes: &[u8], shape: ChunkShape) -> KvChunk;
+    /// Decompresses a whole prefix the way a store load would: what the decode throughput
+    /// measures. `buffers` may be kept between calls (ours decode into them; the untimed first
+    /// call allocates them). By default every chunk through [`Scheme::decode`].
+    fn decode_prefix(
+        &self,
+        encoded: &[Vec<u8>],
+        shapes: &[ChunkShape],
+        buffers: &mut Vec<Vec<f32>>,
+    ) {
+        let _ = buffers;
+        for (bytes, &shape) in encoded.iter().zip(shapes) {
+            drop(self.decode(bytes, shape));
+        }
+    }
 }
 
 /// `zstd-raw`.
@@ -277,7 +291,7 @@ impl Scheme for LmCacheCacheGen {
                 ch.iter().for_each(|&q| counts[q as usize] += 1);
                 let table = FreqTable::from_counts(&counts).expect("symbols");
                 table.write(&mut out);
-                rans::encode(ch, &table, &mut out);
+                rans::encode4(ch, &table, &mut out);
             }
         }
         out
@@ -295,7 +309,7 @@ impl Scheme for LmCacheCacheGen {
                 let mut q = vec![0u16; s.n_tokens];
                 for ch in 0..channels {
                     let table = FreqTable::read(&mut r).expect("own output");
-                    rans::decode(&mut r, &table, &mut q).expect("own output");
+                    rans::decode4(&mut r, &table, &mut q).expect("own output");
                     let (h, c) = (ch / s.head_dim, ch % s.head_dim);
                     for (tok, &sym) in q.iter().enumerate() {
                         x[(h * s.n_tokens + tok) * s.head_dim + c] =

@@ -1,12 +1,12 @@
-//! The chunk format, version 1 (specified in `FORMAT.md`): constants, the header, and the checks
+//! The chunk format, versions 1 and 2 (specified in `FORMAT.md`): constants, the header, and the checks
 //! `parse` makes, in order: magic, version, length, checksum, model, then the fields.
 
 use super::{chunk::ChunkShape, reader::Reader, CodecError, KvDType, Level};
 
 /// First four bytes of every chunk.
 pub const MAGIC: [u8; 4] = *b"KVCG";
-/// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version this build writes; it reads every version from 1 to this one.
+pub const VERSION: u16 = 2;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 68;
 /// Bytes the checksum covers before the payload (everything but the checksum itself).
@@ -19,6 +19,8 @@ pub const MAX_VALUES: usize = 1 << 27;
 /// The fixed-size header of a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Format version the chunk was written in.
+    pub version: u16,
     /// Codec level.
     pub level: Level,
     /// Element type of the decoded chunk.
@@ -58,7 +60,7 @@ pub fn assemble(header: &Header, sections: &[Vec<u8>]) -> Vec<u8> {
     let payload_len = 4 * sections.len() + sections.iter().map(Vec::len).sum::<usize>();
     let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&header.version.to_le_bytes());
     out.push(header.level.id());
     out.push(header.dtype.code());
     out.extend_from_slice(&(header.shape.n_layers as u16).to_le_bytes());
@@ -100,7 +102,7 @@ pub fn parse<'a>(bytes: &'a [u8], model: &[u8; 32]) -> Result<(Header, Vec<&'a [
         return Err(CodecError::BadMagic { found: magic });
     }
     let version = r.u16()?;
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(CodecError::UnsupportedVersion {
             version,
             supported: VERSION,
@@ -166,6 +168,7 @@ pub fn parse<'a>(bytes: &'a [u8], model: &[u8; 32]) -> Result<(Header, Vec<&'a [
     }
     Ok((
         Header {
+            version,
             level,
             dtype,
             shape,

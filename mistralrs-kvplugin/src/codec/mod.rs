@@ -7,7 +7,12 @@
 //! [`Level::lossy_spec`] for what was measured); keys and values are normalised per channel;
 //! the sequence's first token (the attention sink) is kept exact ([`SINK_TOKENS`]);
 //! token-locality differences are used per tensor only where they shrink the stream; a
-//! hand-written rANS coder ([`rans`]) spends the bits.
+//! hand-written rANS coder ([`rans`], four independent lanes) spends the bits.
+//!
+//! Versions: this build writes format version 2 and reads 1 and 2 (version 1's lossy reader is
+//! frozen in `v1.rs`). Speed: decoding is scalar (the rANS lanes); the encoder's normalisation and
+//! quantisation loops are compiled a second time for AVX2 and chosen at run time
+//! (`quant::encode`), the crate's only `unsafe` call.
 //!
 //! Invariants:
 //! - [`decode`] never panics on any input: every problem is a typed [`CodecError`], checked in the
@@ -22,6 +27,7 @@ mod lossless;
 mod quant;
 pub mod rans;
 pub mod reader;
+mod v1;
 
 pub use chunk::{ChunkShape, KvChunk, KvDType};
 pub use quant::{Dest, Grouping};
@@ -51,11 +57,11 @@ pub enum CodecError {
         found: [u8; 4],
     },
     /// The format version is not one this build reads.
-    #[error("unsupported format version {version} (this build reads {supported})")]
+    #[error("unsupported format version {version} (this build reads 1 to {supported})")]
     UnsupportedVersion {
         /// The chunk's version.
         version: u16,
-        /// The version this build reads.
+        /// The newest version this build reads.
         supported: u16,
     },
     /// The checksum does not match: the bytes were damaged.
@@ -346,12 +352,16 @@ pub fn encode_with(
                     }
                     if quantised > 0 {
                         let x = chunk.tensor_f32(t);
-                        let rest_values: Vec<f32> = (0..dims.heads)
-                            .flat_map(|h| {
-                                let start = (h * dims.tokens + exact_tokens) * dims.channels;
-                                x[start..start + quantised * dims.channels].iter().copied()
-                            })
-                            .collect();
+                        let rest_values: Vec<f32> = if exact_tokens == 0 {
+                            x
+                        } else {
+                            (0..dims.heads)
+                                .flat_map(|h| {
+                                    let start = (h * dims.tokens + exact_tokens) * dims.channels;
+                                    x[start..start + quantised * dims.channels].iter().copied()
+                                })
+                                .collect()
+                        };
                         quant::encode(&rest_values, rest, q.grouping, q.steps[band], &mut out);
                     }
                     out
@@ -360,6 +370,7 @@ pub fn encode_with(
         }
     };
     let header = Header {
+        version: format::VERSION,
         level,
         dtype: chunk.dtype(),
         shape,
@@ -480,7 +491,11 @@ impl<'a> ParsedChunk<'a> {
                 token_offset: dest.token_offset + exact,
                 take: dest.take.saturating_sub(exact),
             };
-            quant::decode(&mut r, rest, &mut rest_dest)?;
+            if self.header.version == 1 {
+                v1::decode(&mut r, rest, &mut rest_dest)?;
+            } else {
+                quant::decode(&mut r, rest, &mut rest_dest)?;
+            }
         }
         finish(&r)
     }
