@@ -338,11 +338,14 @@ impl Dest<'_> {
 /// Decodes a tensor written by [`encode`] (dimensions `dims`) into `dest`, which the caller has
 /// checked with [`Dest::check`] against `dims` widened by any exact leading tokens.
 pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(), CodecError> {
-    let (grouping, delta, step) = read_flags_and_step(r)?;
-    let (n_groups, _) = dims.groups(grouping);
-    let (mus, scales) = read_groups(r, n_groups, step)?;
-    let offset = r.u16()? as i32;
-    let table = FreqTable::read(r)?;
+    let TensorHead {
+        grouping,
+        delta,
+        mus,
+        scales,
+        offset,
+        table,
+    } = TensorHead::read(r, dims)?;
     let mut symbols = vec![0u16; dims.len()];
     rans::decode_lanes(r, &table, &mut symbols)?;
 
@@ -389,41 +392,58 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(),
     Ok(())
 }
 
-/// Reads a tensor's flags byte and step (the same in both format versions).
-pub(super) fn read_flags_and_step(r: &mut Reader<'_>) -> Result<(Grouping, bool, f32), CodecError> {
-    let flags = r.u8()?;
-    let grouping = match flags & !FLAG_DELTA {
-        0 => Grouping::PerChannel,
-        FLAG_PER_TOKEN => Grouping::PerToken,
-        FLAG_PER_HEAD => Grouping::PerHead,
-        _ => {
-            return Err(CodecError::corrupt(format!(
-                "unknown tensor flags {flags:#x}"
-            )))
-        }
-    };
-    let step = r.f32()?;
-    if !(step.is_finite() && step > 0.0) {
-        return Err(CodecError::corrupt(format!("quantisation step {step}")));
-    }
-    Ok((grouping, flags & FLAG_DELTA != 0, step))
+/// The fields of a lossy tensor section before its rANS stream (the same in both format
+/// versions).
+pub(super) struct TensorHead {
+    pub grouping: Grouping,
+    /// Token-locality differences.
+    pub delta: bool,
+    /// Group centres.
+    pub mus: Vec<f32>,
+    /// Group scales times the step.
+    pub scales: Vec<f32>,
+    /// Symbol offset `o`: symbol `k` is the integer `k - o`.
+    pub offset: i32,
+    pub table: FreqTable,
 }
 
-/// Reads the groups' centres and scales, and returns the centres and `scale * step`.
-pub(super) fn read_groups(
-    r: &mut Reader<'_>,
-    n_groups: usize,
-    step: f32,
-) -> Result<(Vec<f32>, Vec<f32>), CodecError> {
-    let mut read_f16s = || -> Result<Vec<f32>, CodecError> {
-        let b = r.bytes(n_groups * 2)?;
-        Ok(b.chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect())
-    };
-    let mus = read_f16s()?;
-    let scales = read_f16s()?.into_iter().map(|s| s * step).collect();
-    Ok((mus, scales))
+impl TensorHead {
+    pub(super) fn read(r: &mut Reader<'_>, dims: Dims) -> Result<Self, CodecError> {
+        let flags = r.u8()?;
+        let grouping = match flags & !FLAG_DELTA {
+            0 => Grouping::PerChannel,
+            FLAG_PER_TOKEN => Grouping::PerToken,
+            FLAG_PER_HEAD => Grouping::PerHead,
+            _ => {
+                return Err(CodecError::corrupt(format!(
+                    "unknown tensor flags {flags:#x}"
+                )))
+            }
+        };
+        let step = r.f32()?;
+        if !(step.is_finite() && step > 0.0) {
+            return Err(CodecError::corrupt(format!("quantisation step {step}")));
+        }
+        let (n_groups, _) = dims.groups(grouping);
+        let mut read_f16s = || -> Result<Vec<f32>, CodecError> {
+            let b = r.bytes(n_groups * 2)?;
+            Ok(b.chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect())
+        };
+        let mus = read_f16s()?;
+        let scales = read_f16s()?.into_iter().map(|s| s * step).collect();
+        let offset = r.u16()? as i32;
+        let table = FreqTable::read(r)?;
+        Ok(Self {
+            grouping,
+            delta: flags & FLAG_DELTA != 0,
+            mus,
+            scales,
+            offset,
+            table,
+        })
+    }
 }
 
 fn round_up_f16(v: f32) -> f16 {

@@ -6,8 +6,8 @@
 //! ([`rans::decode4`]).
 
 use super::{
-    quant::{read_flags_and_step, read_groups, Dest, Dims, Grouping},
-    rans::{self, FreqTable},
+    quant::{Dest, Dims, Grouping, TensorHead},
+    rans,
     reader::Reader,
     CodecError,
 };
@@ -15,11 +15,15 @@ use super::{
 /// Decodes a version-1 lossy tensor (dimensions `dims`) into `dest`, which the caller has
 /// checked with [`Dest::check`] against `dims` widened by any exact leading tokens.
 pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(), CodecError> {
-    let (grouping, delta, step) = read_flags_and_step(r)?;
+    let TensorHead {
+        grouping,
+        delta,
+        mus,
+        scales,
+        offset,
+        table,
+    } = TensorHead::read(r, dims)?;
     let (n_groups, group_len) = dims.groups(grouping);
-    let (mus, scales) = read_groups(r, n_groups, step)?;
-    let offset = r.u16()? as i32;
-    let table = FreqTable::read(r)?;
     let mut symbols = vec![0u16; dims.len()];
     rans::decode4(r, &table, &mut symbols)?;
     let channels = dims.channels;
