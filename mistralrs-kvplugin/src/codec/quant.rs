@@ -113,11 +113,12 @@ fn encode_impl(x: &[f32], dims: Dims, grouping: Grouping, step: f32, out: &mut V
             *q = round_to_i16((v - m) * i);
         }
     };
+    // Per-token and per-head groups: the row's group's centre and inverse step, repeated.
+    let (mut mu_row, mut inv_row) = (vec![0f32; channels], vec![0f32; channels]);
     for h in 0..heads {
         for t in 0..tokens {
             let row = (h * tokens + t) * channels;
             let (xs, qs) = (&x[row..row + channels], &mut q[row..row + channels]);
-            // The row's centres and inverse steps: per channel, or the row's group's repeated.
             let g = match grouping {
                 Grouping::PerChannel => {
                     let g = h * channels;
@@ -127,12 +128,9 @@ fn encode_impl(x: &[f32], dims: Dims, grouping: Grouping, step: f32, out: &mut V
                 Grouping::PerToken => h * tokens + t,
                 Grouping::PerHead => h,
             };
-            quantise(
-                xs,
-                qs,
-                &[mu32[g]; 1].repeat(channels),
-                &[inv[g]; 1].repeat(channels),
-            );
+            mu_row.fill(mu32[g]);
+            inv_row.fill(inv[g]);
+            quantise(xs, qs, &mu_row, &inv_row);
         }
     }
 
