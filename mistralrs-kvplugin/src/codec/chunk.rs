@@ -4,6 +4,8 @@
 //! head, token, channel), i.e. each tensor is the engine's `[kv_heads, n_tokens, head_dim]` slice
 //! of batch 0. `data.len()` always equals `shape.n_values() * dtype.size()`.
 
+use std::borrow::Cow;
+
 use half::{bf16, f16};
 
 use super::CodecError;
@@ -151,6 +153,18 @@ impl KvChunk {
     /// Tensor `idx` as f32.
     pub fn tensor_f32(&self, idx: usize) -> Vec<f32> {
         read_f32(self.dtype, self.tensor_bytes(idx))
+    }
+
+    /// Tensor `idx` as f32, borrowed without a copy when the chunk is F32 and its bytes are
+    /// aligned for f32 (on a little-endian target, where the stored bytes are the native ones).
+    pub fn tensor_f32_cow(&self, idx: usize) -> Cow<'_, [f32]> {
+        let bytes = self.tensor_bytes(idx);
+        if cfg!(target_endian = "little") && self.dtype == KvDType::F32 {
+            if let Ok(values) = bytemuck::try_cast_slice(bytes) {
+                return Cow::Borrowed(values);
+            }
+        }
+        Cow::Owned(read_f32(self.dtype, bytes))
     }
 }
 

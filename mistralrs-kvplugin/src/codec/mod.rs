@@ -351,18 +351,12 @@ pub fn encode_with(
                         out.extend_from_slice(&bytes[start..start + exact_tokens * row]);
                     }
                     if quantised > 0 {
-                        let x = chunk.tensor_f32(t);
-                        let rest_values: Vec<f32> = if exact_tokens == 0 {
-                            x
-                        } else {
-                            (0..dims.heads)
-                                .flat_map(|h| {
-                                    let start = (h * dims.tokens + exact_tokens) * dims.channels;
-                                    x[start..start + quantised * dims.channels].iter().copied()
-                                })
-                                .collect()
-                        };
-                        quant::encode(&rest_values, rest, q.grouping, q.steps[band], &mut out);
+                        let x = chunk.tensor_f32_cow(t);
+                        let heads: Vec<&[f32]> = x
+                            .chunks_exact(dims.tokens * dims.channels)
+                            .map(|head| &head[exact_tokens * dims.channels..])
+                            .collect();
+                        quant::encode(&heads, rest, q.grouping, q.steps[band], &mut out);
                     }
                     out
                 })

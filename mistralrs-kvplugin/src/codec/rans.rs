@@ -152,31 +152,44 @@ impl FreqTable {
     }
 }
 
-/// One symbol's encoder constants.
+/// One symbol's encoder constants (division-free coding after Alverson, as in ryg's rANS).
+///
+/// For a frequency `f >= 2`, `recip = ceil(2^64 / f)` makes `floor(x * recip / 2^64)` exactly
+/// `x / f` for every 32-bit `x` (the rounding error is below `x / 2^64 < 2^-32`, and the fraction
+/// of `x / f` is at most `1 - 1/f`). Coding is then `x + bias + q * (2^PROB_BITS - f)` with
+/// `bias = cum`, which is `(q << PROB_BITS) + x % f + cum`. For `f = 1`, `recip = 2^64 - 1` gives
+/// `q = x - 1` (states are never 0), and `bias = cum + 2^PROB_BITS - 1` makes the same formula
+/// give `(x << PROB_BITS) + cum`. One wide multiplication and one narrow one per symbol.
 #[derive(Clone, Copy, Default)]
 struct EncSymbol {
-    /// `ceil(2^32 / freq)`: `x / freq` is `(x * recip) >> 32`, or one less.
     recip: u64,
-    /// States at or above this emit a word before coding the symbol.
-    x_max: u64,
-    freq: u32,
-    cum: u32,
+    /// Largest state that codes the symbol without first emitting a word: `2^20 * f - 1`.
+    x_max: u32,
+    bias: u32,
+    /// `2^PROB_BITS - f`.
+    cmpl: u32,
 }
 
 impl FreqTable {
-    /// Encoder constants of every possible symbol (absent ones zero), in a table of the largest
-    /// alphabet's size, so that a symbol masked to [`MAX_SYMBOLS`] needs no bounds check.
-    fn enc_symbols(&self) -> Box<[EncSymbol; MAX_SYMBOLS]> {
-        let mut table = Box::new([EncSymbol::default(); MAX_SYMBOLS]);
-        for (e, ((&freq, &cum), &recip)) in table
-            .iter_mut()
-            .zip(self.freqs.iter().zip(&self.cums).zip(&self.recips))
-        {
+    /// Encoder constants of every symbol, in a table whose length is the alphabet's size rounded
+    /// up to a power of two (the extra entries zero), so that a symbol is masked into range.
+    fn enc_symbols(&self) -> Vec<EncSymbol> {
+        let mut table = vec![EncSymbol::default(); self.freqs.len().next_power_of_two()];
+        for (e, (&freq, &cum)) in table.iter_mut().zip(self.freqs.iter().zip(&self.cums)) {
+            if freq == 0 {
+                continue;
+            }
+            let (recip, bias) = if freq == 1 {
+                (u64::MAX, cum + PROB_SCALE - 1)
+            } else {
+                ((1u128 << 64).div_ceil(freq as u128) as u64, cum)
+            };
             *e = EncSymbol {
                 recip,
-                x_max: (((RANS_L >> PROB_BITS) as u64) << 16) * freq as u64,
-                freq,
-                cum,
+                // 2^32 - 1 for the one-symbol alphabet (f = 2^PROB_BITS): never emits.
+                x_max: ((((RANS_L >> PROB_BITS) as u64) << 16) * freq as u64 - 1) as u32,
+                bias,
+                cmpl: PROB_SCALE - freq,
             };
         }
         table
@@ -199,13 +212,12 @@ impl FreqTable {
 /// symbol of the lane, so the store is always in bounds.
 #[inline(always)]
 fn put(x: &mut u32, e: &EncSymbol, buf: &mut [u16], len: &mut usize) {
-    let emit = *x as u64 >= e.x_max;
+    let emit = *x > e.x_max;
     buf[*len] = *x as u16;
     *len += emit as usize;
     let v = if emit { *x >> 16 } else { *x };
-    let mut q = ((v as u64 * e.recip) >> 32) as u32;
-    q -= (q as u64 * e.freq as u64 > v as u64) as u32;
-    *x = (q << PROB_BITS) + (v - q * e.freq) + e.cum;
+    let q = ((v as u128 * e.recip as u128) >> 64) as u32;
+    *x = v + e.bias + q * e.cmpl;
 }
 
 /// Version-2 stream: encodes `symbols` (each `< table.n_symbols()` with non-zero frequency) in
@@ -214,6 +226,7 @@ fn put(x: &mut u32, e: &EncSymbol, buf: &mut [u16], len: &mut usize) {
 /// (u32), then each lane's words in the order its decoder reads them.
 pub fn encode_lanes(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
     let enc = table.enc_symbols();
+    let mask = enc.len() - 1;
     let n = symbols.len();
     let mut bufs: Vec<Vec<u16>> = (0..LANES)
         .map(|i| vec![0u16; n / LANES + usize::from(i < n % LANES)])
@@ -225,7 +238,7 @@ pub fn encode_lanes(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
     for (i, &s) in quads.remainder().iter().enumerate() {
         put(
             &mut states[i],
-            &enc[s as usize % MAX_SYMBOLS],
+            &enc[s as usize & mask],
             &mut bufs[i],
             &mut lens[i],
         );
@@ -237,10 +250,10 @@ pub fn encode_lanes(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
         let [x0, x1, x2, x3] = &mut states;
         let [l0, l1, l2, l3] = &mut lens;
         for quad in quads.rev() {
-            put(x0, &enc[quad[0] as usize % MAX_SYMBOLS], b0, l0);
-            put(x1, &enc[quad[1] as usize % MAX_SYMBOLS], b1, l1);
-            put(x2, &enc[quad[2] as usize % MAX_SYMBOLS], b2, l2);
-            put(x3, &enc[quad[3] as usize % MAX_SYMBOLS], b3, l3);
+            put(x0, &enc[quad[0] as usize & mask], b0, l0);
+            put(x1, &enc[quad[1] as usize & mask], b1, l1);
+            put(x2, &enc[quad[2] as usize & mask], b2, l2);
+            put(x3, &enc[quad[3] as usize & mask], b3, l3);
         }
     }
     let n_words: usize = lens.iter().sum();
