@@ -195,16 +195,38 @@ impl LlamaEval {
 
     /// Greedy continuation of `n_new` tokens after `last` (the last prompt token, not in `past`).
     pub fn greedy(&self, past: &PastKv, last: u32, n_new: usize) -> Result<Vec<u32>> {
+        Ok(self.greedy_with_margins(past, last, n_new)?.0)
+    }
+
+    /// [`Self::greedy`], with each step's margin: its top logit minus the runner-up's (how far
+    /// the choice is from a tie). Ties go to the lower token id.
+    pub fn greedy_with_margins(
+        &self,
+        past: &PastKv,
+        last: u32,
+        n_new: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         let mut past = past.clone();
         let mut token = last;
-        let mut out = Vec::with_capacity(n_new);
+        let mut tokens = Vec::with_capacity(n_new);
+        let mut margins = Vec::with_capacity(n_new);
         for _ in 0..n_new {
             let (logits, next_past) = self.forward(&[token], Some(&past))?;
-            token = logits.i(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
-            out.push(token);
+            let row: Vec<f32> = logits.i(0)?.to_vec1()?;
+            let (mut best, mut top, mut second) = (0usize, f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for (i, &l) in row.iter().enumerate() {
+                if l > top {
+                    (best, top, second) = (i, l, top);
+                } else if l > second {
+                    second = l;
+                }
+            }
+            token = best as u32;
+            tokens.push(token);
+            margins.push(top - second);
             past = next_past;
         }
-        Ok(out)
+        Ok((tokens, margins))
     }
 
     fn heads(&self, x: &Tensor, n_heads: usize, n: usize) -> Result<Tensor> {

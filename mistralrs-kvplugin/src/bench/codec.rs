@@ -12,7 +12,10 @@
 //!    forward (checked against the engine's K/V, and the difference printed): perplexity of the
 //!    next `--eval-tokens` tokens of the text, top-1 agreement of the next-token predictions with
 //!    the exact cache's over those tokens, and greedy agreement: the fraction of 64 greedily
-//!    generated tokens equal, position by position, to those the exact cache gives.
+//!    generated tokens equal, position by position, to those the exact cache gives. Where a
+//!    continuation departs from the exact one, the table gives the first differing token and the
+//!    exact cache's margin there (its top logit minus the runner-up's), and the exact
+//!    continuation's nearest tie is printed: a small margin means any perturbation may flip it.
 
 use std::{
     path::PathBuf,
@@ -86,6 +89,10 @@ pub struct SchemeResult {
     ppl_delta_pct: f64,
     top1_agreement: f64,
     greedy_agreement: f64,
+    /// First greedy token that differs from the exact cache's (none if all 64 agree).
+    greedy_first_divergence: Option<usize>,
+    /// The exact cache's top-1 minus top-2 logit at that token.
+    greedy_divergence_margin: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,6 +136,15 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         "exact cache: perplexity {:.4} over {} tokens",
         exact.ppl,
         eval_ids.len()
+    );
+    let (tie_at, tie) = exact
+        .greedy_margins
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .expect("greedy tokens");
+    println!(
+        "exact greedy continuation: nearest tie at token {tie_at} (top-2 logit margin {tie:.3})"
     );
 
     if args.sensitivity {
@@ -325,6 +341,8 @@ fn evaluate(
         ppl_delta_pct: (q.ppl / exact.ppl - 1.0) * 100.0,
         top1_agreement: q.top1_agreement,
         greedy_agreement: q.greedy_agreement,
+        greedy_first_divergence: q.greedy_divergence.map(|(at, _)| at),
+        greedy_divergence_margin: q.greedy_divergence.map(|(_, m)| m as f64),
     };
     eprintln!(
         "  {:<18} {:>6.3} bits/value  ppl {:+.3}%",
@@ -341,8 +359,13 @@ pub(crate) struct Quality {
     pub(crate) ppl: f64,
     predictions: Vec<u32>,
     greedy: Vec<u32>,
+    /// Top logit minus the runner-up's at each greedy step.
+    greedy_margins: Vec<f32>,
     pub(crate) top1_agreement: f64,
     pub(crate) greedy_agreement: f64,
+    /// The first greedy step that differs from the exact cache's, and the exact cache's margin
+    /// there: how near a tie the continuation was when it flipped.
+    pub(crate) greedy_divergence: Option<(usize, f32)>,
 }
 
 impl Quality {
@@ -376,7 +399,7 @@ impl Quality {
                 .map(|t| t.narrow(2, 0, prefix.len() - 1))
                 .collect::<candle_core::Result<_>>()?,
         };
-        let greedy = model.greedy(&trimmed, last, GREEDY_TOKENS)?;
+        let (greedy, greedy_margins) = model.greedy_with_margins(&trimmed, last, GREEDY_TOKENS)?;
         let agree = |a: &[u32], b: &[u32]| {
             a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64
         };
@@ -387,12 +410,18 @@ impl Quality {
             ),
             None => (1.0, 1.0),
         };
+        let greedy_divergence = exact.and_then(|e| {
+            let at = greedy.iter().zip(&e.greedy).position(|(a, b)| a != b)?;
+            Some((at, e.greedy_margins[at]))
+        });
         Ok(Self {
             ppl,
             predictions,
             greedy,
+            greedy_margins,
             top1_agreement,
             greedy_agreement,
+            greedy_divergence,
         })
     }
 }
@@ -530,7 +559,7 @@ fn print_table(report: &Report) {
         report.tokens, report.chunk_tokens, report.threads, report.ppl_exact
     );
     println!(
-        "{:<18} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "{:<18} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}  diverges at (exact margin)",
         "scheme",
         "bits/val",
         "ratio",
@@ -544,7 +573,7 @@ fn print_table(report: &Report) {
     );
     for r in report.levels.iter().chain(&report.baselines) {
         println!(
-            "{:<18} {:>9.3} {:>7.2} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.3} {:>7.3} {:>7.3}",
+            "{:<18} {:>9.3} {:>7.2} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.3} {:>7.3} {:>7.3}  {}",
             r.name,
             r.bits_per_value,
             r.ratio_vs_16bit,
@@ -554,7 +583,11 @@ fn print_table(report: &Report) {
             r.decode_mb_s_all_threads,
             r.ppl_delta_pct,
             r.top1_agreement,
-            r.greedy_agreement
+            r.greedy_agreement,
+            match (r.greedy_first_divergence, r.greedy_divergence_margin) {
+                (Some(at), Some(margin)) => format!("{at} ({margin:.3})"),
+                _ => "-".into(),
+            }
         );
     }
 }
@@ -633,10 +666,14 @@ fn sensitivity(
         let kv = mix(f.as_ref(), exact_tokens)?;
         let q = Quality::measure(reference, &kv, prefix, eval_ids, Some(exact))?;
         println!(
-            "{name:<20} ppl {:+7.3}%  top-1 {:.3}  greedy {:.3}",
+            "{name:<20} ppl {:+7.3}%  top-1 {:.3}  greedy {:.3}{}",
             (q.ppl / exact.ppl - 1.0) * 100.0,
             q.top1_agreement,
-            q.greedy_agreement
+            q.greedy_agreement,
+            match q.greedy_divergence {
+                Some((at, margin)) => format!("  diverges at {at} (exact margin {margin:.3})"),
+                None => String::new(),
+            }
         );
     }
     Ok(())
