@@ -73,6 +73,10 @@ pub struct CodecBenchArgs {
     /// (keys or values, each third of the layers, the first tokens).
     #[arg(long)]
     sensitivity: bool,
+    /// Instead of the comparison, estimate per layer how many bits per value a calibrated PCA
+    /// basis (per head, or over all heads) would save at the default level's distortion.
+    #[arg(long)]
+    transform_gain: bool,
 }
 
 /// One row of the report.
@@ -147,6 +151,9 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         "exact greedy continuation: nearest tie at token {tie_at} (top-2 logit margin {tie:.3})"
     );
 
+    if args.transform_gain {
+        return super::transform::report(&engine_kv, codec::SINK_TOKENS);
+    }
     if args.sensitivity {
         return sensitivity(&reference, &engine_kv, &chunks, prefix, eval_ids, &exact);
     }

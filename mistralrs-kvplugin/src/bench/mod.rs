@@ -6,6 +6,7 @@ pub mod blend;
 pub mod codec;
 pub mod offload;
 pub mod stream;
+pub mod transform;
 
 use std::time::{Duration, Instant};
 
