@@ -265,8 +265,13 @@ pub fn encode_lanes(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
         out.extend_from_slice(&(len as u32).to_le_bytes());
     }
     for (buf, &len) in bufs.iter().zip(&lens) {
-        for w in buf[..len].iter().rev() {
-            out.extend_from_slice(&w.to_le_bytes());
+        let start = out.len();
+        out.resize(start + 2 * len, 0);
+        for (o, w) in out[start..]
+            .chunks_exact_mut(2)
+            .zip(buf[..len].iter().rev())
+        {
+            o.copy_from_slice(&w.to_le_bytes());
         }
     }
 }
