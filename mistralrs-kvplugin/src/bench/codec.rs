@@ -74,7 +74,8 @@ pub struct CodecBenchArgs {
     #[arg(long)]
     sensitivity: bool,
     /// Instead of the comparison, estimate per layer how many bits per value a calibrated PCA
-    /// basis (per head, or over all heads) would save at the default level's distortion.
+    /// basis (per head, or over all heads) or a one-tap token predictor would save at the default
+    /// level's distortion, and the sizes of the quantised integers with each token transform.
     #[arg(long)]
     transform_gain: bool,
 }
@@ -133,6 +134,9 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         prefix.len()
     );
 
+    if args.transform_gain {
+        return super::transform::report(&engine_kv, codec::SINK_TOKENS);
+    }
     let chunks = to_chunks(&engine_kv, args.chunk_tokens)?;
     let n_values: usize = chunks.iter().map(|c| c.shape().n_values()).sum();
     let exact = Quality::measure(&reference, &engine_kv, prefix, eval_ids, None)?;
@@ -151,9 +155,6 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         "exact greedy continuation: nearest tie at token {tie_at} (top-2 logit margin {tie:.3})"
     );
 
-    if args.transform_gain {
-        return super::transform::report(&engine_kv, codec::SINK_TOKENS);
-    }
     if args.sensitivity {
         return sensitivity(&reference, &engine_kv, &chunks, prefix, eval_ids, &exact);
     }

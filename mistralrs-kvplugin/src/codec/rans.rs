@@ -44,8 +44,6 @@ pub const MAX_SYMBOLS: usize = PROB_SCALE as usize;
 pub struct FreqTable {
     freqs: Vec<u32>,
     cums: Vec<u32>,
-    /// `ceil(2^32 / freq)` (0 for absent symbols), for division-free encoding.
-    recips: Vec<u64>,
 }
 
 impl FreqTable {
@@ -94,21 +92,7 @@ impl FreqTable {
             acc += f;
         }
         cums.push(acc);
-        let recips = freqs
-            .iter()
-            .map(|&f| {
-                if f == 0 {
-                    0
-                } else {
-                    (1u64 << 32).div_ceil(f as u64)
-                }
-            })
-            .collect();
-        Self {
-            freqs,
-            cums,
-            recips,
-        }
+        Self { freqs, cums }
     }
 
     /// Number of symbols in the alphabet.
@@ -225,6 +209,12 @@ fn put(x: &mut u32, e: &EncSymbol, buf: &mut [u16], len: &mut usize) {
 /// length (u32) and the stream: each lane's final encoder state (u32), each lane's word count
 /// (u32), then each lane's words in the order its decoder reads them.
 pub fn encode_lanes(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
+    debug_assert!(
+        symbols
+            .iter()
+            .all(|&s| table.freqs.get(s as usize).is_some_and(|&f| f > 0)),
+        "every symbol needs a non-zero frequency"
+    );
     let enc = table.enc_symbols();
     let mask = enc.len() - 1;
     let n = symbols.len();
@@ -357,6 +347,18 @@ pub fn decode_lanes(
 pub fn encode4(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
     let mut states = [RANS_L; STATES_V1];
     let mut words: Vec<u16> = Vec::with_capacity(symbols.len() / 6 + 16);
+    // `ceil(2^32 / freq)` (0 for absent symbols), for division-free encoding.
+    let recips: Vec<u64> = table
+        .freqs
+        .iter()
+        .map(|&f| {
+            if f == 0 {
+                0
+            } else {
+                (1u64 << 32).div_ceil(f as u64)
+            }
+        })
+        .collect();
     for (i, &s) in symbols.iter().enumerate().rev() {
         let x = &mut states[i % STATES_V1];
         let f = table.freqs[s as usize];
@@ -368,7 +370,7 @@ pub fn encode4(symbols: &[u16], table: &FreqTable, out: &mut Vec<u8>) {
             *x >>= 16;
         }
         // x / f by multiplication with a rounded-up reciprocal, corrected by at most one.
-        let mut q = ((*x as u64 * table.recips[s as usize]) >> 32) as u32;
+        let mut q = ((*x as u64 * recips[s as usize]) >> 32) as u32;
         if q * f > *x {
             q -= 1;
         }
