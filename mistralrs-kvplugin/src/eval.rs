@@ -193,19 +193,10 @@ impl LlamaEval {
         Ok((logits, PastKv { k: new_k, v: new_v }))
     }
 
-    /// Greedy continuation of `n_new` tokens after `last` (the last prompt token, not in `past`).
-    pub fn greedy(&self, past: &PastKv, last: u32, n_new: usize) -> Result<Vec<u32>> {
-        Ok(self.greedy_with_margins(past, last, n_new)?.0)
-    }
-
-    /// [`Self::greedy`], with each step's margin: its top logit minus the runner-up's (how far
-    /// the choice is from a tie). Ties go to the lower token id.
-    pub fn greedy_with_margins(
-        &self,
-        past: &PastKv,
-        last: u32,
-        n_new: usize,
-    ) -> Result<(Vec<u32>, Vec<f32>)> {
+    /// Greedy continuation of `n_new` tokens after `last` (the last prompt token, not in `past`),
+    /// with each step's margin: its top logit minus the runner-up's (how far the choice is from
+    /// a tie). Ties go to the lower token id.
+    pub fn greedy(&self, past: &PastKv, last: u32, n_new: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         let mut past = past.clone();
         let mut token = last;
         let mut tokens = Vec::with_capacity(n_new);

@@ -407,7 +407,7 @@ impl Quality {
                 .map(|t| t.narrow(2, 0, prefix.len() - 1))
                 .collect::<candle_core::Result<_>>()?,
         };
-        let (greedy, greedy_margins) = model.greedy_with_margins(&trimmed, last, GREEDY_TOKENS)?;
+        let (greedy, greedy_margins) = model.greedy(&trimmed, last, GREEDY_TOKENS)?;
         let agree = |a: &[u32], b: &[u32]| {
             a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64
         };
