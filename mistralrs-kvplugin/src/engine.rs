@@ -50,6 +50,8 @@ pub struct EngineOptions {
     pub prefix_cache: bool,
     /// Sequences the scheduler runs at once.
     pub max_running: usize,
+    /// Runs without a KV cache at all (every step recomputes; hooks are refused).
+    pub no_kv_cache: bool,
 }
 
 impl EngineOptions {
@@ -61,6 +63,7 @@ impl EngineOptions {
             kv_hook: None,
             prefix_cache: true,
             max_running: 4,
+            no_kv_cache: false,
         }
     }
 
@@ -100,7 +103,14 @@ impl LocalEngine {
             kv_hook,
             prefix_cache,
             max_running,
+            no_kv_cache,
         } = options;
+        // A path that does not exist would be taken for a hub id: refuse it here instead.
+        match &model {
+            ModelSource::Gguf(path) | ModelSource::HfDir(path) => {
+                crate::model::require_model(path)?;
+            }
+        }
         let loader: Box<dyn Loader> = match &model {
             ModelSource::Gguf(path) => {
                 let (dir, file) = split_file(path)?;
@@ -161,7 +171,8 @@ impl LocalEngine {
             method: DefaultSchedulerMethod::Fixed(max_running),
         };
         let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
-            .with_no_prefix_cache(!prefix_cache);
+            .with_no_prefix_cache(!prefix_cache)
+            .with_no_kv_cache(no_kv_cache);
         if let Some(hook) = kv_hook {
             builder = builder.with_kv_hook(hook);
         }
@@ -202,7 +213,12 @@ impl LocalEngine {
 
     /// Greedy generation of at most `max_new_tokens` tokens after `prompt`.
     pub async fn complete(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Generation> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        self.submit(prompt, max_new_tokens).await?.finish().await
+    }
+
+    /// Sends a greedy request and returns at once; [`PendingCompletion::finish`] reads its answer.
+    pub async fn submit(&self, prompt: &[u32], max_new_tokens: usize) -> Result<PendingCompletion> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_new_tokens);
         let request = NormalRequest {
@@ -231,7 +247,21 @@ impl LocalEngine {
             .send(Request::Normal(Box::new(request)))
             .await
             .map_err(|_| Error::Engine(anyhow::anyhow!("the engine stopped")))?;
+        Ok(PendingCompletion { rx, start })
+    }
+}
 
+/// A request sent with [`LocalEngine::submit`], not yet answered.
+pub struct PendingCompletion {
+    rx: tokio::sync::mpsc::Receiver<Response>,
+    start: Instant,
+}
+
+impl PendingCompletion {
+    /// Reads the streamed answer to its end. A channel that closes before the last chunk is an
+    /// error: the engine dropped the request without answering it.
+    pub async fn finish(self) -> Result<Generation> {
+        let PendingCompletion { mut rx, start } = self;
         let mut text = String::new();
         let mut tokens = Vec::new();
         let mut ttft = None;
@@ -259,7 +289,11 @@ impl LocalEngine {
                 Some(_) => {
                     return Err(Error::Engine(anyhow::anyhow!("unexpected response kind")));
                 }
-                None => break,
+                None => {
+                    return Err(Error::Engine(anyhow::anyhow!(
+                        "the engine dropped the request without a final response (lost request)"
+                    )));
+                }
             }
         }
         let total = start.elapsed();

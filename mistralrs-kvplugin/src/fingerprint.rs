@@ -1,10 +1,12 @@
 //! Model fingerprints: the identity a cache entry is keyed under.
 //!
 //! Two engines may share a cache entry only if everything that determines the K/V values matches:
-//! the weights (hashed byte for byte), the tokenizer (its full serialized form), the model kind
-//! (which fixes the rope style: GGUF models use interleaved RoPE, safetensors Llama models neox),
-//! the cache shape and the cache dtype. The model's path or name is deliberately left out, so the
-//! same weights found under another path still hit.
+//! the weights (hashed byte for byte), the model's `config.json` (where the pipeline has one: rope
+//! scaling, norms), how the weights were quantized after loading (in-situ quantization, UQFF), the
+//! tokenizer (its full serialized form), the model kind (loader, quantization family, adapters;
+//! it fixes the rope style: GGUF models use interleaved RoPE, safetensors Llama models neox), the
+//! engine version, the cache shape and the cache dtype. The model's path or name is deliberately
+//! left out, so the same weights found under another path still hit.
 //!
 //! The hash is BLAKE3 over a versioned, length-prefixed encoding, so it is stable across
 //! processes, machines and Rust releases (unlike `DefaultHasher`).
@@ -14,7 +16,7 @@ use std::{fmt, fs::File, io, path::PathBuf};
 use mistralrs_core::KvModelInfo;
 
 /// Version of the fingerprint encoding; bump it when the hashed fields change.
-const FINGERPRINT_VERSION: &str = "mistralrs-kvplugin/fingerprint/v1";
+const FINGERPRINT_VERSION: &str = "mistralrs-kvplugin/fingerprint/v2";
 
 /// Why a model could not be fingerprinted.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,15 @@ impl ModelFingerprint {
         };
         field("version", FINGERPRINT_VERSION.as_bytes());
         field("model_kind", model.model_kind.as_bytes());
+        field("engine_version", model.engine_version.as_bytes());
+        field(
+            "config_json",
+            model.config_json.as_deref().unwrap_or_default().as_bytes(),
+        );
+        field(
+            "quantization",
+            model.quantization.as_deref().unwrap_or("none").as_bytes(),
+        );
         field("num_layers", &(model.num_layers as u64).to_le_bytes());
         field("num_kv_heads", &(model.num_kv_heads as u64).to_le_bytes());
         field("k_head_dim", &(model.k_head_dim as u64).to_le_bytes());

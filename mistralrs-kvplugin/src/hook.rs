@@ -22,7 +22,7 @@ use std::{
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use mistralrs_core::{
-    kv_hooks::KvLayerModel, FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv,
+    kv_blend::KvLayerModel, FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv,
 };
 use tokio::sync::Semaphore;
 
@@ -79,6 +79,9 @@ pub struct KvPluginHook {
     store: Arc<dyn PrefixStore>,
     config: HookConfig,
     model: OnceLock<ModelFingerprint>,
+    /// What the engine reported at registration (its cache capacity rule, for loads it can take
+    /// without a copy).
+    engine_model: OnceLock<Arc<KvModelInfo>>,
     save_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     stream_policy: Mutex<Option<StreamPolicy>>,
@@ -116,6 +119,7 @@ impl KvPluginHook {
             store,
             config,
             model: OnceLock::new(),
+            engine_model: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -542,6 +546,7 @@ impl KvHook for KvPluginHook {
                 model.model_id
             );
         }
+        let _ = self.engine_model.set(Arc::new(model.clone()));
         tracing::info!(model = %model.model_id, %fingerprint, "kvplugin: hook registered");
         match &model.layers {
             Some(layers) => match layers
@@ -566,6 +571,38 @@ impl KvHook for KvPluginHook {
             }
         }
         Ok(())
+    }
+
+    fn on_refused(&self, model_id: &str, reason: &str) {
+        tracing::warn!(
+            model = model_id,
+            reason,
+            "kvplugin: the engine refused the hook"
+        );
+        self.metrics.refused_engines(1);
+    }
+
+    /// The engine's synchronous filter: a prompt is looked up only if the hook is registered and
+    /// the prompt leaves at least `min_prefix_tokens` beyond what the engine's own cache covers
+    /// (or it was announced as a blend). Everything else is scheduled at once, as stock.
+    fn should_lookup(&self, prompt: &[u32], cached_tokens: usize) -> bool {
+        if self.model.get().is_none() {
+            return false;
+        }
+        let min_tokens = cached_tokens.max(self.config.min_prefix_tokens.saturating_sub(1));
+        let worth_it = prompt.len() > min_tokens + 1 || self.plans.contains(prompt);
+        if !worth_it {
+            self.metrics.skipped_lookups(1);
+        }
+        worth_it
+    }
+
+    fn on_local_hit(&self, _prompt: &[u32], _cached_tokens: usize) {
+        self.metrics.engine_prefix_hits(1);
+    }
+
+    fn on_evict(&self, _tokens: &[u32]) {
+        self.metrics.engine_evictions(1);
     }
 
     async fn save_prefix(&self, finished: FinishedPrefix) {
@@ -609,16 +646,20 @@ impl KvHook for KvPluginHook {
             // A lookup that times out leaves no report: never show the previous one instead.
             *lock(&self.last_stream) = None;
         }
+        // Decoded straight into buffers of the engine's capacity: the engine takes them as its
+        // cache without a copy.
+        let engine_model = self.engine_model.get().cloned();
+        let capacity = move |n: usize| engine_model.as_ref().map_or(n, |m| m.cache_capacity(n));
         let lookup = async {
             match &policy {
                 Some(policy) => self
                     .store
-                    .load_streamed(&model, prompt, min_tokens, policy)
+                    .load_streamed_with_capacity(&model, prompt, min_tokens, policy, &capacity)
                     .await
                     .map(|l| (l.prefix, Some(l.report))),
                 None => self
                     .store
-                    .load(&model, prompt, min_tokens)
+                    .load_with_capacity(&model, prompt, min_tokens, &capacity)
                     .await
                     .map(|prefix| (prefix, None)),
             }

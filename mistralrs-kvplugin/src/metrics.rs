@@ -29,6 +29,10 @@ pub struct Metrics {
     save_failures: AtomicU64,
     dropped_saves: AtomicU64,
     finished_sequences: AtomicU64,
+    refused_engines: AtomicU64,
+    skipped_lookups: AtomicU64,
+    engine_prefix_hits: AtomicU64,
+    engine_evictions: AtomicU64,
     last_prompt_tokens: AtomicU64,
     last_reused_tokens: AtomicU64,
 }
@@ -82,6 +86,14 @@ pub struct MetricsSnapshot {
     pub dropped_saves: u64,
     /// Sequences the engine reported as finished.
     pub finished_sequences: u64,
+    /// Engines that refused to attach the hook (a cache layout it cannot install exactly).
+    pub refused_engines: u64,
+    /// Prompts the engine did not look up because the hook's synchronous filter said no.
+    pub skipped_lookups: u64,
+    /// Prompts the engine's own in-memory prefix cache served (no store prefix installed).
+    pub engine_prefix_hits: u64,
+    /// Prefixes the engine dropped from its own prefix cache.
+    pub engine_evictions: u64,
     /// Prompt length of the last finished sequence.
     pub last_prompt_tokens: u64,
     /// Prompt tokens of the last finished sequence that came from a cache instead of prefill.
@@ -133,6 +145,10 @@ counters!(
     save_failures,
     dropped_saves,
     finished_sequences,
+    refused_engines,
+    skipped_lookups,
+    engine_prefix_hits,
+    engine_evictions,
 );
 
 impl Metrics {

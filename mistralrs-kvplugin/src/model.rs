@@ -35,11 +35,58 @@ pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Folder name of the converted Hugging Face style model inside the models folder.
 pub const SMOLLM2_HF_DIR: &str = "SmolLM2-135M-Instruct-f32";
 
-/// The models folder: `$KVPLUGIN_MODELS` if set, else `models/` in the current directory.
+/// Where `scripts/setup.sh` puts the models by default: `models/` in the checkout this binary
+/// was built from.
+pub fn setup_models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+}
+
+/// The folders [`models_dir`] considers, in order: `$KVPLUGIN_MODELS`, `models/` in the current
+/// directory, then [`setup_models_dir`].
+pub fn models_dir_candidates() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("KVPLUGIN_MODELS") {
+        dirs.push(PathBuf::from(dir));
+    }
+    dirs.push(PathBuf::from("models"));
+    dirs.push(setup_models_dir());
+    dirs
+}
+
+/// The models folder: `$KVPLUGIN_MODELS` if set (used as given, even if missing, so that the
+/// error names it), else the first of `./models` and the checkout's `models/` that exists (see
+/// [`models_dir_candidates`]). Models are never fetched from a hub: a missing folder is an error
+/// that lists where the commands looked.
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("KVPLUGIN_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models"))
+    if let Some(dir) = std::env::var_os("KVPLUGIN_MODELS") {
+        return PathBuf::from(dir);
+    }
+    models_dir_candidates()
+        .into_iter()
+        .find(|d| d.is_dir())
+        .unwrap_or_else(setup_models_dir)
+}
+
+/// `path` if it exists, else an error that says where the model was looked for and how to get it.
+pub fn require_model(path: &Path) -> Result<&Path> {
+    if path.exists() {
+        return Ok(path);
+    }
+    let looked: Vec<String> = models_dir_candidates()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    Err(Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!(
+            "not found (models folders considered, in order: {}); run `make setup` in the \
+             checkout, or point KVPLUGIN_MODELS (or --model PATH) at the folder that holds it. \
+             Models are never downloaded from a hub",
+            looked.join(", ")
+        ),
+    })
 }
 
 /// The shipped GGUF in `models`.
@@ -52,17 +99,26 @@ pub fn smollm2_hf(models: &Path) -> PathBuf {
     models.join(SMOLLM2_HF_DIR)
 }
 
-/// The shipped model by the name the commands take: `gguf` (the Q4_1 GGUF, `quantized_llama.rs`)
-/// or `hf` (its F32 conversion, `llama.rs`), under [`models_dir`].
+/// The model the commands' `--model` names: `gguf` (the shipped Q4_1 GGUF,
+/// `quantized_llama.rs`) or `hf` (its F32 conversion, `llama.rs`) under [`models_dir`], or a path:
+/// a `.gguf` file or a Hugging Face style folder. The model must exist (see [`require_model`]).
 pub fn shipped_source(name: &str) -> Result<ModelSource> {
     let dir = models_dir();
-    match name {
-        "gguf" => Ok(ModelSource::Gguf(smollm2_gguf(&dir))),
-        "hf" => Ok(ModelSource::HfDir(smollm2_hf(&dir))),
-        other => Err(Error::InvalidInput(format!(
-            "--model must be gguf or hf, not `{other}`"
-        ))),
-    }
+    let source = match name {
+        "gguf" => ModelSource::Gguf(smollm2_gguf(&dir)),
+        "hf" => ModelSource::HfDir(smollm2_hf(&dir)),
+        path if Path::new(path).is_dir() => ModelSource::HfDir(PathBuf::from(path)),
+        path if path.ends_with(".gguf") => ModelSource::Gguf(PathBuf::from(path)),
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "--model must be gguf, hf, a .gguf file or a model folder, not `{other}`"
+            )))
+        }
+    };
+    match &source {
+        ModelSource::Gguf(p) | ModelSource::HfDir(p) => require_model(p)?,
+    };
+    Ok(source)
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {

@@ -20,7 +20,7 @@
 use std::{sync::Arc, time::Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
-use mistralrs_core::{kv_hooks::KvLayerModel, LayerKv};
+use mistralrs_core::{kv_blend::KvLayerModel, LayerKv};
 
 use super::rope::{row_distance, Rope};
 

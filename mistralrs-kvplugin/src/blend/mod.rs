@@ -437,6 +437,10 @@ impl PlanBook {
     pub(crate) fn take(&self, prompt: &[u32]) -> Option<BlendPlan> {
         lock(&self.plans).remove(prompt)
     }
+
+    pub(crate) fn contains(&self, prompt: &[u32]) -> bool {
+        lock(&self.plans).contains_key(prompt)
+    }
 }
 
 /// Where a blend's document cache came from.

@@ -12,7 +12,7 @@
 //!   tests check it against a direct rotation and against the engine.
 
 use candle_core::{DType, Result, Tensor, D};
-use mistralrs_core::kv_hooks::KvRope;
+use mistralrs_core::kv_blend::KvRope;
 
 /// A model's rotary tables in F32.
 #[derive(Clone, Debug)]

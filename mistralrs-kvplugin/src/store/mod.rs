@@ -126,6 +126,11 @@ pub enum SaveOutcome {
     AlreadyPresent,
 }
 
+/// Rows to allocate for a loaded prefix of `n` tokens: the engine's cache capacity for `n`
+/// (`KvModelInfo::cache_capacity`). A store that decodes into buffers of that many rows hands the
+/// engine tensors it takes as its cache without a copy; the rows past `n` stay unused.
+pub type RowCapacity = dyn Fn(usize) -> usize + Send + Sync;
+
 /// A place to keep prefix KV caches.
 #[async_trait]
 pub trait PrefixStore: Send + Sync {
@@ -144,6 +149,32 @@ pub trait PrefixStore: Send + Sync {
         prompt: &[u32],
         min_tokens: usize,
     ) -> Result<Option<KvPrefix>, StoreError>;
+
+    /// [`PrefixStore::load`] into tensors of `capacity(n)` rows for a prefix of `n` tokens (the
+    /// prefix in the first `n`). A store that cannot (the default method) returns exactly `n`
+    /// rows; the engine then copies the prefix once.
+    async fn load_with_capacity(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        _capacity: &RowCapacity,
+    ) -> Result<Option<KvPrefix>, StoreError> {
+        self.load(model, prompt, min_tokens).await
+    }
+
+    /// [`PrefixStore::load_streamed`] into tensors of `capacity(n)` rows when every planned chunk
+    /// arrived (see [`PrefixStore::load_with_capacity`]).
+    async fn load_streamed_with_capacity(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        policy: &StreamPolicy,
+        _capacity: &RowCapacity,
+    ) -> Result<StreamedLoad, StoreError> {
+        self.load_streamed(model, prompt, min_tokens, policy).await
+    }
 
     /// [`PrefixStore::load`] chunk by chunk, each chunk fetched at the level `policy` chooses or
     /// left to the engine to recompute (see [`StreamedLoad`]). A store that does not keep chunks
@@ -167,8 +198,8 @@ pub trait PrefixStore: Send + Sync {
     }
 }
 
-/// Checks the shape invariants of a prefix: one K and V per layer, `[1, heads, n, dim]` with
-/// `n == tokens.len()`. Returns the bytes its tensors hold.
+/// Checks the shape invariants of a prefix to save: one K and V per layer, `[1, heads, n, dim]`
+/// with `n == tokens.len()`. Returns the bytes its tensors hold.
 pub(crate) fn validate_prefix(prefix: &KvPrefix) -> Result<u64, StoreError> {
     let n = prefix.tokens.len();
     if n == 0 || prefix.layers.is_empty() {

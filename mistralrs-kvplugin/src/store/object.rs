@@ -38,7 +38,8 @@ use object_store::{
 use rayon::prelude::*;
 
 use super::{
-    common_prefix_len, validate_prefix, PrefixStore, SaveOutcome, StoreError, StreamedLoad,
+    common_prefix_len, validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError,
+    StreamedLoad,
 };
 use crate::{
     codec::{self, ChunkShape, Dest, EncodeOptions, KvChunk, KvDType, Level, ParsedChunk},
@@ -370,6 +371,29 @@ impl PrefixStore for ObjectPrefixStore {
             .await
     }
 
+    async fn load_with_capacity(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        capacity: &RowCapacity,
+    ) -> Result<Option<KvPrefix>, StoreError> {
+        self.load_rows(model, prompt, min_tokens, self.config.level, capacity)
+            .await
+    }
+
+    async fn load_streamed_with_capacity(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        policy: &StreamPolicy,
+        capacity: &RowCapacity,
+    ) -> Result<StreamedLoad, StoreError> {
+        self.load_streamed_rows(model, prompt, min_tokens, policy, capacity)
+            .await
+    }
+
     async fn load_streamed(
         &self,
         model: &ModelFingerprint,
@@ -391,6 +415,19 @@ impl ObjectPrefixStore {
         prompt: &[u32],
         min_tokens: usize,
         level: Level,
+    ) -> Result<Option<KvPrefix>, StoreError> {
+        self.load_rows(model, prompt, min_tokens, level, &|n| n)
+            .await
+    }
+
+    /// [`ObjectPrefixStore::load_at`] into tensors of `capacity(n)` rows.
+    async fn load_rows(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        level: Level,
+        capacity: &RowCapacity,
     ) -> Result<Option<KvPrefix>, StoreError> {
         let c = self.config.chunk_tokens;
         let usable = prompt.len().saturating_sub(1);
@@ -436,23 +473,28 @@ impl ObjectPrefixStore {
                 .collect()
         };
         let prompt_prefix = prompt[..covered].to_vec();
-        tokio::task::spawn_blocking(move || decode_parts(&parts, &expected, &model, prompt_prefix))
-            .await
-            .map_err(|e| StoreError::backend(format!("decode task: {e}")))?
-            .map(Some)
+        let rows = capacity(covered).max(covered);
+        tokio::task::spawn_blocking(move || {
+            decode_parts(&parts, &expected, &model, prompt_prefix, rows)
+        })
+        .await
+        .map_err(|e| StoreError::backend(format!("decode task: {e}")))?
+        .map(Some)
     }
 }
 
 /// Decodes objects, checks their tokens, and joins them into one prefix.
 ///
-/// Each tensor of the prefix (one layer's K or V) is allocated once at its full length and every
-/// chunk decodes its slice straight into it, tensors in parallel: no per-chunk buffers, no
-/// concatenation, one write per value.
+/// Each tensor of the prefix (one layer's K or V) is allocated once, for `rows >= tokens.len()`
+/// rows (the engine's capacity, so that it takes the tensor as its cache), and every chunk decodes
+/// its slice straight into it, tensors in parallel: no per-chunk buffers, no concatenation, one
+/// write per value.
 fn decode_parts(
     parts: &[(bytes::Bytes, usize)],
     expected: &[Vec<u32>],
     model: &ModelFingerprint,
     tokens: Vec<u32>,
+    rows: usize,
 ) -> Result<KvPrefix, StoreError> {
     let chunks = parts
         .par_iter()
@@ -483,7 +525,7 @@ fn decode_parts(
         });
     }
     let n = tokens.len();
-    let per_tensor = shape.n_kv_heads * n * shape.head_dim;
+    let per_tensor = shape.n_kv_heads * rows * shape.head_dim;
     let tensors = (0..shape.n_tensors())
         .into_par_iter()
         .map(|t| -> Result<Tensor, StoreError> {
@@ -494,15 +536,19 @@ fn decode_parts(
                     t,
                     &mut Dest {
                         data: &mut data,
-                        tokens: n,
+                        tokens: rows,
                         token_offset: at,
                         take: *take,
                     },
                 )?;
                 at += take;
             }
-            let tensor =
-                Tensor::from_vec(data, (1, shape.n_kv_heads, n, shape.head_dim), &Device::Cpu)?;
+            debug_assert_eq!(at, n);
+            let tensor = Tensor::from_vec(
+                data,
+                (1, shape.n_kv_heads, rows, shape.head_dim),
+                &Device::Cpu,
+            )?;
             Ok(tensor.to_dtype(candle_dtype(dtype))?)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;

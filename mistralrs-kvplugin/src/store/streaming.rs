@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use super::{
     common_prefix_len,
     object::{candle_dtype, parse_envelope, parse_object, prefix_of},
-    ObjectPrefixStore, StoreError,
+    ObjectPrefixStore, RowCapacity, StoreError,
 };
 use crate::{
     codec::{Dest, KvDType, Level},
@@ -91,6 +91,20 @@ impl ObjectPrefixStore {
         min_tokens: usize,
         policy: &StreamPolicy,
     ) -> Result<StreamedLoad, StoreError> {
+        self.load_streamed_rows(model, prompt, min_tokens, policy, &|n| n)
+            .await
+    }
+
+    /// [`ObjectPrefixStore::load_streamed`] into buffers of `capacity(n)` rows for the `n` tokens
+    /// planned: when every planned chunk arrives they are the engine's cache as they are.
+    pub(super) async fn load_streamed_rows(
+        &self,
+        model: &ModelFingerprint,
+        prompt: &[u32],
+        min_tokens: usize,
+        policy: &StreamPolicy,
+        capacity: &RowCapacity,
+    ) -> Result<StreamedLoad, StoreError> {
         let started = Instant::now();
         let mut planner = match policy {
             StreamPolicy::Adaptive(inputs) => Some(StreamPlanner::new(*inputs)),
@@ -118,7 +132,8 @@ impl ObjectPrefixStore {
             _ => discovery.await?,
         };
         let offers: Vec<ChunkOffer> = found.iter().map(|f| f.offer.clone()).collect();
-        let n_alloc = offers.last().map_or(0, |o| o.start + o.tokens);
+        let n_planned = offers.last().map_or(0, |o| o.start + o.tokens);
+        let n_alloc = capacity(n_planned).max(n_planned);
 
         let mut buffers: Option<DecodeBuffers> = None;
         let mut pending: Option<Pending> = None;
@@ -273,8 +288,11 @@ impl ObjectPrefixStore {
         let prefix = match buffers {
             Some(buffers) if covered > min_tokens => {
                 let tokens = prompt[..covered].to_vec();
+                // Rows the engine wants for what arrived: the buffers as they are when it is
+                // what they were allocated for, else a copy of the rows that arrived.
+                let rows = capacity(covered).max(covered);
                 Some(
-                    tokio::task::spawn_blocking(move || into_prefix(buffers, tokens))
+                    tokio::task::spawn_blocking(move || into_prefix(buffers, tokens, rows))
                         .await
                         .map_err(|e| StoreError::backend(format!("install task: {e}")))??,
                 )
@@ -471,10 +489,19 @@ fn decode_into(
     (Some(buffers), result)
 }
 
-/// The first `tokens.len()` tokens of the buffers as a prefix in the chunks' dtype.
-fn into_prefix(buffers: DecodeBuffers, tokens: Vec<u32>) -> Result<KvPrefix, StoreError> {
+/// The first `tokens.len()` tokens of the buffers as a prefix in the chunks' dtype: the whole
+/// buffers when they have `rows` rows, else just those tokens' rows (a copy).
+fn into_prefix(
+    buffers: DecodeBuffers,
+    tokens: Vec<u32>,
+    rows: usize,
+) -> Result<KvPrefix, StoreError> {
     let (heads, n_alloc, dim) = (buffers.n_kv_heads, buffers.n_alloc, buffers.head_dim);
-    let n = tokens.len();
+    let n = if rows == n_alloc {
+        n_alloc
+    } else {
+        tokens.len()
+    };
     let dtype = candle_dtype(buffers.dtype);
     let tensors = buffers
         .data
