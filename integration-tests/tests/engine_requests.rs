@@ -3,9 +3,10 @@
 //! - No request is ever lost: a request parked while its KV lookup runs is answered (with an
 //!   error response) when the engine stops under it, and many slow lookups at once are all
 //!   answered with stock's output.
-//! - The two 0.8.1 bug fixes (`patches/mistralrs-core/0001`, `0002`), each with a test that fails
+//! - The three 0.8.1 bug fixes (`patches/mistralrs-core/0001`-`0003`), each with a test that fails
 //!   on the stock engine: the prefix cache keys a finished sequence on the tokens its cache holds
-//!   rows for, and a sequence that finishes on its first sampled token is finished once.
+//!   rows for, a sequence that finishes on its first sampled token is finished once, and the CPU
+//!   decode attention gives each sequence of a batch its own output.
 //! - The `mistralrs` crate's `TextModelBuilder::with_kv_hook` (`patches/mistralrs`) gives a
 //!   program using the high-level API a store hit.
 
@@ -122,9 +123,7 @@ async fn a_request_parked_in_a_lookup_is_answered_when_the_engine_stops() {
 async fn many_slow_lookups_at_once_are_all_answered_as_stock() {
     // No prefix cache, and prompts of distinct lengths, in both engines: the scheduler then runs
     // them one at a time (it batches equal lengths only), so each answer is one full prefill of
-    // its prompt whatever order they run in. Equal lengths would be batched, and stock 0.8.1's
-    // batched decoding on the CPU mixes sequences' continuations (seen here: a request answered
-    // with another's text); that is an engine bug of its own, not the hook's.
+    // its prompt whatever order they run in (a batched prefill may round differently).
     let options = || EngineOptions {
         prefix_cache: false,
         ..gguf_options()
@@ -212,6 +211,44 @@ async fn a_prompt_extending_a_finished_sequence_recomputes_its_last_token() {
         got.tokens, expected.tokens,
         "output equals a full prefill's"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_decoded_in_one_batch_each_get_their_own_answer() {
+    // The scheduler batches prompts of equal length. Stock 0.8.1's CPU decode attention kept one
+    // scratch slot per (tile, head) for the whole batch, so every sequence decoded with the last
+    // sequence's attention output: first tokens right, then another request's text.
+    let engine = LocalEngine::start(EngineOptions {
+        prefix_cache: false,
+        ..gguf_options()
+    })
+    .await
+    .unwrap();
+    let doc = document(&engine, 60);
+    let prompts: Vec<Vec<u32>> = ["copy", "sell", "change"]
+        .iter()
+        .map(|verb| question_prompt(&engine, &doc, &format!("Who may {verb} this license?")))
+        .collect();
+    assert!(
+        prompts.iter().all(|p| p.len() == prompts[0].len()),
+        "equal prompt lengths, so that the scheduler batches them"
+    );
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(engine.complete(p, 8).await.unwrap().tokens);
+    }
+    assert!(
+        alone.windows(2).any(|w| w[0] != w[1]),
+        "the prompts have different answers: {alone:?}"
+    );
+    let mut pending = Vec::new();
+    for p in &prompts {
+        pending.push(engine.submit(p, 8).await.unwrap());
+    }
+    for (i, request) in pending.into_iter().enumerate() {
+        let together = request.finish().await.unwrap().tokens;
+        assert_eq!(together, alone[i], "request {i} decoded in a batch");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
