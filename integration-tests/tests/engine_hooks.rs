@@ -366,7 +366,9 @@ async fn a_store_slower_than_the_load_timeout_costs_a_recompute_counted_as_a_tim
 
     let slow = Arc::new(SlowStore {
         inner: store,
-        delay: Duration::from_secs(30),
+        // Far longer than a recompute takes even beside other tests on 2 cores, so that the
+        // bound below tells waiting for the timeout from waiting for the store.
+        delay: Duration::from_secs(600),
     });
     let hook_b = Arc::new(KvPluginHook::new(
         slow,
@@ -379,7 +381,7 @@ async fn a_store_slower_than_the_load_timeout_costs_a_recompute_counted_as_a_tim
         .await
         .unwrap();
     let got = tokio::time::timeout(
-        Duration::from_secs(25),
+        Duration::from_secs(300),
         engine_b.complete(&prompt_b, NEW_TOKENS),
     )
     .await
