@@ -481,6 +481,14 @@ impl KvPluginHook {
         }
     }
 
+    /// The length a store prefix of `prompt` must exceed to be worth loading (what the engine's
+    /// own cache covers, and `min_prefix_tokens`), or `None` when the prompt leaves no room for
+    /// one: the rule both the engine's synchronous filter and the lookup apply.
+    fn min_store_tokens(&self, prompt: &[u32], cached_tokens: usize) -> Option<usize> {
+        let min_tokens = cached_tokens.max(self.config.min_prefix_tokens.saturating_sub(1));
+        (prompt.len() > min_tokens + 1).then_some(min_tokens)
+    }
+
     async fn save(&self, model: ModelFingerprint, prefix: KvPrefix) {
         let n_tokens = prefix.tokens.len() as u64;
         tracing::debug!(n_tokens, head = ?&prefix.tokens[..prefix.tokens.len().min(4)], "kvplugin: saving a prefix");
@@ -589,8 +597,8 @@ impl KvHook for KvPluginHook {
         if self.model.get().is_none() {
             return false;
         }
-        let min_tokens = cached_tokens.max(self.config.min_prefix_tokens.saturating_sub(1));
-        let worth_it = prompt.len() > min_tokens + 1 || self.plans.contains(prompt);
+        let worth_it =
+            self.min_store_tokens(prompt, cached_tokens).is_some() || self.plans.contains(prompt);
         if !worth_it {
             self.metrics.skipped_lookups(1);
         }
@@ -635,10 +643,7 @@ impl KvHook for KvPluginHook {
         if let Some(plan) = self.plans.take(prompt) {
             return self.load_blended(model, plan, prompt).await;
         }
-        let min_tokens = cached_tokens.max(self.config.min_prefix_tokens.saturating_sub(1));
-        if prompt.len() <= min_tokens + 1 {
-            return None;
-        }
+        let min_tokens = self.min_store_tokens(prompt, cached_tokens)?;
         self.metrics.lookups(1);
         let started = Instant::now();
         let policy = lock(&self.stream_policy).clone();
