@@ -52,6 +52,11 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Runs without a KV cache at all (every step recomputes; hooks are refused).
     pub no_kv_cache: bool,
+    /// Prefixes the engine's own prefix cache keeps (`None`: mistral.rs's default, 16).
+    pub prefix_cache_n: Option<usize>,
+    /// The model's id in the engine (what OpenAI clients name in `model`); default: the model
+    /// path.
+    pub model_id: Option<String>,
 }
 
 impl EngineOptions {
@@ -64,6 +69,8 @@ impl EngineOptions {
             prefix_cache: true,
             max_running: 4,
             no_kv_cache: false,
+            prefix_cache_n: None,
+            model_id: None,
         }
     }
 
@@ -97,87 +104,9 @@ pub struct LocalEngine {
 impl LocalEngine {
     /// Loads the model and starts the engine.
     pub async fn start(options: EngineOptions) -> Result<Self> {
-        let EngineOptions {
-            model,
-            dtype,
-            kv_hook,
-            prefix_cache,
-            max_running,
-            no_kv_cache,
-        } = options;
-        // A path that does not exist would be taken for a hub id: refuse it here instead.
-        match &model {
-            ModelSource::Gguf(path) | ModelSource::HfDir(path) => {
-                crate::model::require_model(path)?;
-            }
-        }
-        let loader: Box<dyn Loader> = match &model {
-            ModelSource::Gguf(path) => {
-                let (dir, file) = split_file(path)?;
-                GGUFLoaderBuilder::new(
-                    None,
-                    None,
-                    dir,
-                    vec![file],
-                    GGUFSpecificConfig { topology: None },
-                    false,
-                    None,
-                )
-                .build()
-            }
-            ModelSource::HfDir(dir) => {
-                let config = NormalSpecificConfig {
-                    topology: None,
-                    organization: IsqOrganization::Default,
-                    write_uqff: None,
-                    from_uqff: None,
-                    imatrix: None,
-                    calibration_file: None,
-                    hf_cache_path: None,
-                    matformer_config_path: None,
-                    matformer_slice_name: None,
-                };
-                NormalLoaderBuilder::new(
-                    config,
-                    None,
-                    None,
-                    Some(dir.display().to_string()),
-                    false,
-                    None,
-                )
-                .build(Some(NormalLoaderType::Llama))
-                .map_err(Error::Engine)?
-            }
-        };
-        let pipeline = loader
-            .load_model_from_hf(
-                None,
-                TokenSource::None,
-                &dtype,
-                &Device::Cpu,
-                true,
-                DeviceMapSetting::dummy(),
-                None,
-                None,
-            )
-            .map_err(Error::Engine)?;
-        let tokenizer = pipeline
-            .lock()
-            .await
-            .tokenizer()
-            .ok_or_else(|| Error::Engine(anyhow::anyhow!("the model has no tokenizer")))?;
-        let max_running = NonZeroUsize::new(max_running.max(1)).expect("max(1) is non-zero");
-        let scheduler = SchedulerConfig::DefaultScheduler {
-            method: DefaultSchedulerMethod::Fixed(max_running),
-        };
-        let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
-            .with_no_prefix_cache(!prefix_cache)
-            .with_no_kv_cache(no_kv_cache);
-        if let Some(hook) = kv_hook {
-            builder = builder.with_kv_hook(hook);
-        }
+        let (runner, tokenizer) = build_runner(options).await?;
         Ok(Self {
-            runner: builder.build().await,
+            runner,
             tokenizer,
             next_id: AtomicUsize::new(0),
         })
@@ -249,6 +178,99 @@ impl LocalEngine {
             .map_err(|_| Error::Engine(anyhow::anyhow!("the engine stopped")))?;
         Ok(PendingCompletion { rx, start })
     }
+}
+
+/// Loads the model and starts an engine on it: the runner that [`LocalEngine`] and
+/// `kvplugin serve` drive, and the model's tokenizer.
+pub async fn build_runner(options: EngineOptions) -> Result<(Arc<MistralRs>, Arc<Tokenizer>)> {
+    let EngineOptions {
+        model,
+        dtype,
+        kv_hook,
+        prefix_cache,
+        max_running,
+        no_kv_cache,
+        prefix_cache_n,
+        model_id,
+    } = options;
+    // A path that does not exist would be taken for a hub id: refuse it here instead.
+    match &model {
+        ModelSource::Gguf(path) | ModelSource::HfDir(path) => {
+            crate::model::require_model(path)?;
+        }
+    }
+    let loader: Box<dyn Loader> = match &model {
+        ModelSource::Gguf(path) => {
+            let (dir, file) = split_file(path)?;
+            GGUFLoaderBuilder::new(
+                None,
+                None,
+                dir,
+                vec![file],
+                GGUFSpecificConfig { topology: None },
+                false,
+                None,
+            )
+            .build()
+        }
+        ModelSource::HfDir(dir) => {
+            let config = NormalSpecificConfig {
+                topology: None,
+                organization: IsqOrganization::Default,
+                write_uqff: None,
+                from_uqff: None,
+                imatrix: None,
+                calibration_file: None,
+                hf_cache_path: None,
+                matformer_config_path: None,
+                matformer_slice_name: None,
+            };
+            NormalLoaderBuilder::new(
+                config,
+                None,
+                None,
+                Some(dir.display().to_string()),
+                false,
+                None,
+            )
+            .build(Some(NormalLoaderType::Llama))
+            .map_err(Error::Engine)?
+        }
+    };
+    let pipeline = loader
+        .load_model_from_hf(
+            None,
+            TokenSource::None,
+            &dtype,
+            &Device::Cpu,
+            true,
+            DeviceMapSetting::dummy(),
+            None,
+            None,
+        )
+        .map_err(Error::Engine)?;
+    let tokenizer = pipeline
+        .lock()
+        .await
+        .tokenizer()
+        .ok_or_else(|| Error::Engine(anyhow::anyhow!("the model has no tokenizer")))?;
+    let max_running = NonZeroUsize::new(max_running.max(1)).expect("max(1) is non-zero");
+    let scheduler = SchedulerConfig::DefaultScheduler {
+        method: DefaultSchedulerMethod::Fixed(max_running),
+    };
+    let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
+        .with_no_prefix_cache(!prefix_cache)
+        .with_no_kv_cache(no_kv_cache);
+    if let Some(hook) = kv_hook {
+        builder = builder.with_kv_hook(hook);
+    }
+    if let Some(n) = prefix_cache_n {
+        builder = builder.with_prefix_cache_n(n);
+    }
+    if let Some(id) = model_id {
+        builder = builder.with_model_id(id);
+    }
+    Ok((builder.build().await, tokenizer))
 }
 
 /// A request sent with [`LocalEngine::submit`], not yet answered.

@@ -12,7 +12,13 @@
 //! - With an adaptive streaming policy, each load starts from the bandwidth the previous one
 //!   measured.
 //! - A lookup whose prompt was announced with [`KvPluginHook::expect_blend`] is blended
-//!   ([`crate::blend`]); its cache is approximate, so only its exact rows are ever saved.
+//!   ([`crate::blend`]); its cache is approximate, so only its exact rows are ever saved. A chat
+//!   or completion prompt whose text holds the blend separator is announced by the hook itself
+//!   (`prepare_prompt`): the separators are removed and each part tokenized alone; the model never
+//!   sees a separator, with or without a blend.
+//! - How many prompt tokens each scheduled sequence took from a cache is kept for the last
+//!   [`MAX_REUSE_RECORDS`] sequences, by sequence id (the `id` of the engine's responses), for
+//!   the server to report as `usage.prompt_tokens_details.cached_tokens`.
 
 use std::{
     sync::{Arc, Mutex, OnceLock},
@@ -21,6 +27,7 @@ use std::{
 
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
+use indexmap::IndexMap;
 use mistralrs_core::{
     kv_blend::KvLayerModel, FinishedPrefix, KvHook, KvModelInfo, KvPrefix, LayerKv,
 };
@@ -31,12 +38,13 @@ use crate::{
         chunk_key,
         forward::{self, KvSupply, Segment, SegmentKv},
         rope::Rope,
-        BlendConfig, BlendPlan, BlendReport, ChunkCache, ChunkSource, PlanBook, RatioController,
+        BlendConfig, BlendPlan, BlendPrompt, BlendReport, ChunkCache, ChunkSource, PlanBook,
+        RatioController,
     },
     fingerprint::ModelFingerprint,
     metrics::{Metrics, MetricsSnapshot},
     store::PrefixStore,
-    stream::{ChunkOutcome, StreamPolicy, StreamReport},
+    stream::{Choice, ChunkOutcome, StreamPolicy, StreamReport},
 };
 
 /// Settings of a [`KvPluginHook`].
@@ -92,7 +100,12 @@ pub struct KvPluginHook {
     blend_config: Mutex<BlendConfig>,
     controller: Arc<Mutex<RatioController>>,
     last_blend: Mutex<Option<BlendReport>>,
+    reuse_by_sequence: Mutex<IndexMap<usize, usize>>,
 }
+
+/// Sequences whose reused-token count is kept for [`KvPluginHook::take_reused_tokens`]: a
+/// response read later than this many sequences after its own start reports none.
+pub const MAX_REUSE_RECORDS: usize = 4096;
 
 /// The registered model's layers, for blends.
 #[derive(Clone)]
@@ -116,6 +129,7 @@ impl KvPluginHook {
             blend_config: Mutex::new(config.blend.clone()),
             controller: Arc::default(),
             last_blend: Mutex::new(None),
+            reuse_by_sequence: Mutex::new(IndexMap::new()),
             store,
             config,
             model: OnceLock::new(),
@@ -396,6 +410,9 @@ impl KvPluginHook {
     fn record_stream(&self, report: &StreamReport) {
         self.metrics.stream_loads(1);
         for chunk in &report.chunks {
+            if let Choice::Fetch(level) = chunk.choice {
+                self.metrics.stream_fetch(level);
+            }
             match &chunk.outcome {
                 ChunkOutcome::Loaded => self.metrics.stream_chunks_loaded(1),
                 ChunkOutcome::Failed { .. } => self.metrics.stream_chunks_failed(1),
@@ -427,6 +444,85 @@ impl KvPluginHook {
             "timeout" => self.metrics.failures_timeout(1),
             _ => self.metrics.failures_corrupt(1),
         }
+    }
+
+    /// How many prompt tokens sequence `seq_id` (the `id` of its responses) took from a cache,
+    /// once: the record is removed. `None` for a sequence the hook did not see scheduled (or
+    /// one more than [`MAX_REUSE_RECORDS`] sequences ago).
+    pub fn take_reused_tokens(&self, seq_id: usize) -> Option<usize> {
+        lock(&self.reuse_by_sequence).swap_remove(&seq_id)
+    }
+
+    /// Waits until no save is in flight (each one written, failed or dropped), at most `timeout`;
+    /// `false` if saves were still running then. For a clean stop: after the last request was
+    /// answered, the store then holds everything this process will write.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let all = self.config.max_pending_saves as u32;
+        let deadline = Instant::now() + timeout;
+        // A finished sequence's save task may not have taken its slot yet: wait until the count
+        // of finished sequences stops moving too.
+        let mut finished = self.metrics.snapshot().finished_sequences;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, self.save_slots.acquire_many(all)).await {
+                Ok(Ok(permits)) => drop(permits),
+                _ => return false,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.metrics.snapshot().finished_sequences;
+            if now == finished && self.save_slots.available_permits() == all as usize {
+                return true;
+            }
+            finished = now;
+        }
+    }
+
+    /// The blend plan for a prompt whose text holds the blend separator, and the tokens and text
+    /// to run (separators removed). `None` when the text holds no separator or blending from
+    /// text is off. Without a usable plan (malformed markup, no layer access) the separators are
+    /// still removed and the text re-encoded as the engine encodes it: the answer is then stock's
+    /// for the text without separators.
+    fn plan_from_text(&self, text: &str, tokens: &[u32]) -> Option<(Vec<u32>, String)> {
+        let config = lock(&self.blend_config).clone();
+        if !config.from_text || config.separator.is_empty() || !text.contains(&config.separator) {
+            return None;
+        }
+        let tokenizer = self.engine_model.get()?.tokenizer.clone()?;
+        let plain_text = text.replace(&config.separator, "");
+        let skip = |why: &str| {
+            tracing::warn!(reason = why, "kvplugin: separators removed; not blended");
+            self.metrics.text_blends_skipped(1);
+            let encoded = tokenizer.encode(plain_text.as_str(), true).ok()?;
+            Some((encoded.get_ids().to_vec(), plain_text.clone()))
+        };
+        if !self.can_blend() {
+            return skip("the model offers no layer access");
+        }
+        let prompt = match BlendPrompt::from_marked(text, &config.separator) {
+            Ok(prompt) => prompt,
+            Err(e) => return skip(&e.to_string()),
+        };
+        let mut plan = match prompt.tokenize(&tokenizer) {
+            Ok(plan) => plan,
+            Err(e) => return skip(&e.to_string()),
+        };
+        // The engine encoded with the tokenizer's special tokens (a BOS, say): keep those it
+        // added around the text.
+        let Ok(bare) = tokenizer.encode(text, false) else {
+            return skip("the tokenizer failed");
+        };
+        let bare = bare.get_ids();
+        let Some(lead) = (0..=tokens.len().saturating_sub(bare.len()))
+            .find(|&lead| tokens[lead..].starts_with(bare))
+        else {
+            return skip("the engine's tokens do not contain the text's");
+        };
+        let trail = &tokens[lead + bare.len()..];
+        plan.wrap(&tokens[..lead], trail);
+        self.metrics.text_blends(1);
+        let run = plan.tokens.clone();
+        self.plans.insert(plan);
+        Some((run, prompt.text()))
     }
 
     /// The fingerprint of the model this hook is registered for, once an engine registered it.
@@ -605,6 +701,21 @@ impl KvHook for KvPluginHook {
         worth_it
     }
 
+    fn prepare_prompt(&self, text: &str, tokens: &[u32]) -> Option<(Vec<u32>, String)> {
+        self.plan_from_text(text, tokens)
+    }
+
+    fn on_scheduled(&self, seq_id: usize, prompt: &[u32], reused_tokens: usize) {
+        self.metrics.scheduled_sequences(1);
+        self.metrics.scheduled_prompt_tokens(prompt.len() as u64);
+        self.metrics.scheduled_reused_tokens(reused_tokens as u64);
+        let mut records = lock(&self.reuse_by_sequence);
+        if records.len() >= MAX_REUSE_RECORDS {
+            records.drain(..MAX_REUSE_RECORDS / 2);
+        }
+        records.insert(seq_id, reused_tokens);
+    }
+
     fn on_local_hit(&self, _prompt: &[u32], _cached_tokens: usize) {
         self.metrics.engine_prefix_hits(1);
     }
@@ -671,6 +782,7 @@ impl KvHook for KvPluginHook {
         };
         let loaded = tokio::time::timeout(self.config.load_timeout, lookup).await;
         let elapsed = started.elapsed();
+        self.metrics.observe_lookup(elapsed);
         let failure = match loaded {
             Ok(Ok((prefix, report))) => {
                 if let Some(report) = &report {

@@ -55,6 +55,10 @@ pub struct BlendConfig {
     pub memory_bytes: usize,
     /// The separator between prefix, documents and question in marked text.
     pub separator: String,
+    /// Blend chat and completion requests whose prompt text holds the separator (the engine's
+    /// `prepare_prompt` hook): how `kvplugin serve` blends requests from any OpenAI client.
+    /// Off, such text reaches the model as written.
+    pub from_text: bool,
     /// Raise the ratio to the one at which recomputing takes as long as loading.
     pub adaptive_ratio: bool,
     /// Compute each document's cache after the prompt's first token rather than alone. A
@@ -76,6 +80,7 @@ impl Default for BlendConfig {
             deviation: Deviation::Value,
             memory_bytes: 2 << 30,
             separator: DEFAULT_SEPARATOR.to_string(),
+            from_text: true,
             adaptive_ratio: true,
             document_sink: true,
         }
@@ -173,6 +178,22 @@ pub struct CachePart {
 }
 
 impl BlendPlan {
+    /// Puts `lead` before the prompt (as part of its prefix) and `trail` after it (as part of its
+    /// question): the special tokens a tokenizer adds around a text.
+    pub fn wrap(&mut self, lead: &[u32], trail: &[u32]) {
+        if !lead.is_empty() {
+            let mut tokens = Vec::with_capacity(lead.len() + self.tokens.len() + trail.len());
+            tokens.extend_from_slice(lead);
+            tokens.extend_from_slice(&self.tokens);
+            self.tokens = tokens;
+            self.prefix_len += lead.len();
+            for chunk in &mut self.chunks {
+                *chunk = chunk.start + lead.len()..chunk.end + lead.len();
+            }
+        }
+        self.tokens.extend_from_slice(trail);
+    }
+
     /// The prefix (if any) and the documents, with the tokens each cache is computed on: a
     /// document not at the start of the prompt gets the prompt's first token as its lead when
     /// `document_sink` is on (see [`BlendConfig::document_sink`]).
@@ -502,6 +523,22 @@ mod tests {
         let err = BlendPrompt::from_marked("no marks here", "|").unwrap_err();
         assert!(err.to_string().contains("found 0 separator"), "{err}");
         assert!(BlendPrompt::from_marked("a|b", "|").is_err());
+    }
+
+    #[test]
+    fn wrapping_a_plan_moves_its_documents_and_keeps_the_added_tokens_in_place() {
+        let mut plan = BlendPlan {
+            tokens: vec![10, 11, 20, 21, 22, 30, 40],
+            prefix_len: 2,
+            chunks: vec![2..5, 5..6],
+        };
+        plan.wrap(&[1], &[2, 3]);
+        assert_eq!(plan.tokens, vec![1, 10, 11, 20, 21, 22, 30, 40, 2, 3]);
+        assert_eq!(plan.prefix_len, 3);
+        assert_eq!(plan.chunks, vec![3..6, 6..7]);
+        assert_eq!(&plan.tokens[plan.chunks[0].clone()], &[20, 21, 22]);
+        plan.wrap(&[], &[]);
+        assert_eq!(plan.tokens.len(), 10);
     }
 
     #[test]
