@@ -19,6 +19,7 @@
 set -euo pipefail
 
 with_tests=false
+OPENAI_VERSION="3.57.0"
 for arg in "$@"; do
   case "$arg" in
     --tests) with_tests=true ;;
@@ -89,6 +90,16 @@ if $with_tests; then
     cargo install garage --version 2.5.0 --no-default-features --features bundled-libs,sqlite \
       --locked --root "$tools" --target-dir "$tools/build"
     rm -rf "$tools/build"
+  fi
+  # The official OpenAI client, pinned, in a virtual environment of its own: the real client the
+  # server tests talk to `kvplugin serve` with.
+  step="installing the openai Python client (openai==$OPENAI_VERSION, a virtual environment)"
+  if [[ ! -f "$tools/venv/openai-$OPENAI_VERSION" ]]; then
+    echo "setup: installing openai==$OPENAI_VERSION into $tools/venv" >&2
+    rm -rf "$tools/venv"
+    python3 -m venv "$tools/venv"
+    "$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+    touch "$tools/venv/openai-$OPENAI_VERSION"
   fi
 fi
 step=""

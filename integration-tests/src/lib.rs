@@ -15,6 +15,22 @@ use mistralrs_kvplugin::{
     model, KvPluginHook, MetricsSnapshot,
 };
 
+/// The `kvplugin` binary of the same build as the running test (`target/<profile>/kvplugin`).
+pub fn kvplugin_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps")
+        .join("kvplugin");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (`make setup`)",
+        bin.display()
+    );
+    bin
+}
+
 /// The repository's `models/` folder (or `$KVPLUGIN_MODELS`).
 pub fn models_dir() -> PathBuf {
     std::env::var_os("KVPLUGIN_MODELS")

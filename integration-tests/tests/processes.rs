@@ -8,28 +8,12 @@ use std::{
     process::Command,
 };
 
-use integration_tests::{hf_dir, s3::S3Server};
+use integration_tests::{hf_dir, kvplugin_bin as kvplugin, s3::S3Server};
 use serde_json::Value;
 
 const DOC_TOKENS: &str = "400";
 const QUESTION_1: &str = "Who may copy this license?";
 const QUESTION_2: &str = "What does the license say about patents?";
-
-/// The `kvplugin` binary next to this test's own build.
-fn kvplugin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join("kvplugin");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build the workspace first (`make setup`)",
-        bin.display()
-    );
-    bin
-}
 
 /// Runs one `kvplugin ask` process and returns its JSON report.
 fn ask(config: Option<&Path>, question: &str) -> Value {

@@ -12,7 +12,9 @@
 //!   (chunked, compressed, over any `object_store` backend: memory, local disk, S3);
 //! - [`engine`] runs the patched engine on a local model (tests, the demo and benchmarks);
 //! - [`blend`] reuses documents' caches at any position in RAG prompts (CacheBlend);
-//! - [`model`] finds the model files and converts the shipped GGUF into a Hugging Face folder.
+//! - [`model`] finds the model files and converts the shipped GGUF into a Hugging Face folder;
+//! - [`server`] is `kvplugin serve`: mistral.rs's OpenAI-compatible server with the hook, and
+//!   Prometheus metrics.
 
 pub mod bench;
 pub mod blend;
@@ -27,6 +29,7 @@ pub mod fingerprint;
 pub mod hook;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod store;
 pub mod stream;
 

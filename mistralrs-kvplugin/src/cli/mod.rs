@@ -2,6 +2,7 @@
 
 mod ask;
 mod demo;
+mod serve;
 
 pub(crate) use demo::{QUESTION_1, QUESTION_2};
 
@@ -54,6 +55,9 @@ enum Command {
     /// One engine process answers one question about a document, with the plugin configured
     /// from a TOML file (or stock, without it); prints the answer and the plugin's counters.
     Ask(ask::AskArgs),
+    /// An OpenAI-compatible server (mistral.rs's routes) with the plugin: chat and completions
+    /// reuse stored caches, `/metrics` for Prometheus, blending of prompts with separators.
+    Serve(serve::ServeArgs),
     /// Benchmarks on the real model.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -93,6 +97,7 @@ pub fn main() -> ExitCode {
         Command::Convert { gguf, out, dtype } => convert(gguf, out, &dtype),
         Command::Demo(args) => demo::run(args),
         Command::Ask(args) => ask::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
