@@ -169,6 +169,15 @@ pub struct StoreSettings {
     pub allow_http: bool,
     /// Timeout of one request.
     pub request_timeout_ms: u64,
+    /// Bound on the store's size (`"10G"`, `"500M"`, bytes): `kvplugin store gc` and the sweeper
+    /// of `kvplugin serve` delete the oldest chains beyond it. Unset: unbounded.
+    pub max_bytes: Option<String>,
+    /// Chains not extended for this long (`"7d"`, `"12h"`) are deleted by the GC. Unset: kept.
+    pub ttl: Option<String>,
+    /// The GC never deletes what was written more recently than this (saves in progress).
+    pub gc_grace: String,
+    /// How often `kvplugin serve` runs the GC when `max_bytes` or `ttl` is set.
+    pub sweep_interval: String,
 }
 
 impl Default for StoreSettings {
@@ -181,6 +190,10 @@ impl Default for StoreSettings {
             secret_access_key: None,
             allow_http: false,
             request_timeout_ms: 5000,
+            max_bytes: None,
+            ttl: None,
+            gc_grace: "10m".into(),
+            sweep_interval: "10m".into(),
         }
     }
 }
@@ -344,6 +357,9 @@ impl PluginConfig {
         if let Some(stream) = &self.stream {
             stream.validate()?;
         }
+        self.gc_policy()?;
+        crate::store::admin::parse_duration(&self.store.sweep_interval)
+            .map_err(|e| bad("store.sweep_interval", e.to_string()))?;
         if let Some(bucket) = self.store.url.strip_prefix("s3://") {
             if bucket.is_empty() || bucket.contains('/') {
                 return Err(bad("store.url", "s3 urls are `s3://bucket`"));
@@ -438,6 +454,38 @@ impl PluginConfig {
             },
         )
         .map_err(|e| bad("store", e.to_string()))
+    }
+
+    /// The GC policy of `[store]` (`max_bytes`, `ttl`, `gc_grace`).
+    pub fn gc_policy(&self) -> Result<crate::store::admin::GcPolicy, ConfigError> {
+        use crate::store::admin::{parse_bytes, parse_duration};
+        Ok(crate::store::admin::GcPolicy {
+            older_than: self
+                .store
+                .ttl
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| bad("store.ttl", e.to_string()))?,
+            max_bytes: self
+                .store
+                .max_bytes
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
+                .map_err(|e| bad("store.max_bytes", e.to_string()))?,
+            grace: parse_duration(&self.store.gc_grace)
+                .map_err(|e| bad("store.gc_grace", e.to_string()))?,
+        })
+    }
+
+    /// How often `kvplugin serve` sweeps; `None` when nothing bounds the store.
+    pub fn sweep_interval(&self) -> Option<Duration> {
+        let policy = self.gc_policy().ok()?;
+        if policy.older_than.is_none() && policy.max_bytes.is_none() {
+            return None;
+        }
+        crate::store::admin::parse_duration(&self.store.sweep_interval).ok()
     }
 
     /// The hook settings.

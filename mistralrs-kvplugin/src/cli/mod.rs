@@ -3,6 +3,7 @@
 mod ask;
 mod demo;
 mod serve;
+mod store;
 
 pub(crate) use demo::{QUESTION_1, QUESTION_2};
 
@@ -58,6 +59,8 @@ enum Command {
     /// An OpenAI-compatible server (mistral.rs's routes) with the plugin: chat and completions
     /// reuse stored caches, `/metrics` for Prometheus, blending of prompts with separators.
     Serve(serve::ServeArgs),
+    /// What a store holds, removal by model, garbage collection by age and size.
+    Store(store::StoreArgs),
     /// Benchmarks on the real model.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Ask(args) => ask::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Store(args) => store::run(args),
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),

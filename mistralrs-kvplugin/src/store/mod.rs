@@ -8,6 +8,8 @@
 //! - a returned prefix is a prefix of the prompt, longer than `min_tokens`, and leaves at least
 //!   one prompt token for the engine to prefill (the engine needs logits for the last token).
 
+pub mod admin;
+pub mod layout;
 mod memory;
 mod object;
 pub mod shaped;

@@ -1,13 +1,18 @@
 //! Prefix caches in any [`object_store`] backend (memory, local disk, S3-compatible), cut into
 //! chunks of a fixed number of tokens and compressed with the [`crate::codec`].
 //!
-//! Layout under `{namespace}/v1/{model fingerprint}/` (names carry the first 128 bits of each
+//! Layout under `{namespace}/v2/{model fingerprint}/` (names carry the first 128 bits of each
 //! 256-bit hash: short enough for every backend's file-name limits, e.g. s3s-fs keeps one metadata
-//! file per object named after the whole key; the full fingerprint is checked inside each chunk):
-//! - `c-{hash}.{level}`: one full chunk. `hash` chains BLAKE3 over the chunk size, the parent
-//!   chunk's hash and this chunk's token ids, so a key names a whole prefix, is stable across
-//!   processes and machines, and never depends on Rust's `DefaultHasher`.
-//! - `t-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
+//! file per object named after the whole key; the full fingerprint is checked inside each chunk;
+//! [`ObjectName`] writes and parses them):
+//! - `c-{index}-{parent hash}-{hash}.{level}`: full chunk `index` (0 = the first) of a prefix.
+//!   `hash` chains BLAKE3 over the chunk size, the parent's hash (the prefix before the chunk)
+//!   and this chunk's token ids, so a key names a whole prefix, is stable across processes and
+//!   machines, and never depends on Rust's `DefaultHasher`. The parent's hash and the index in
+//!   the name let a listing alone rebuild the chains (what [`super::admin`]'s GC needs to never
+//!   leave a chunk its lookups cannot reach); the loader computes every hash of a prompt's chain,
+//!   so it knows both.
+//! - `t-{index}-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
 //!   after that parent (the last writer wins). A later prompt that shares only part of the tail
 //!   still uses that part, so a hit covers the prompt up to where it diverges, not only whole chunks.
 //!   Tails are always coded lossless, whatever the level: they are the most recent tokens, which
@@ -36,6 +41,8 @@ use object_store::{
     path::Path, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload,
 };
 use rayon::prelude::*;
+
+use super::layout::{short_hash, ObjectName, LAYOUT_VERSION};
 
 use super::{
     common_prefix_len, validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError,
@@ -139,7 +146,11 @@ impl ObjectPrefixStore {
     }
 
     fn root(&self, model: &ModelFingerprint) -> String {
-        format!("{}/v1/{}", self.config.namespace, &model.to_hex()[..32])
+        format!(
+            "{}/{LAYOUT_VERSION}/{}",
+            self.config.namespace,
+            &model.to_hex()[..32]
+        )
     }
 
     /// Every level full chunks are written at: the main level first, no level twice.
@@ -153,26 +164,43 @@ impl ObjectPrefixStore {
         levels
     }
 
+    /// Full chunk `index` of a chain (0: the first), whose parent (the prefix before it) hashes
+    /// to `parent` and which hashes to `hash`.
     pub(super) fn chunk_path(
         &self,
         model: &ModelFingerprint,
+        index: usize,
+        parent: &blake3::Hash,
         hash: &blake3::Hash,
         level: Level,
     ) -> Path {
         Path::from(format!(
-            "{}/c-{}.{}",
+            "{}/{}",
             self.root(model),
-            &hash.to_hex()[..32],
-            level.name()
+            ObjectName::Chunk {
+                index,
+                parent: short_hash(parent),
+                hash: short_hash(hash),
+                level,
+            }
         ))
     }
 
-    pub(super) fn tail_path(&self, model: &ModelFingerprint, parent: &blake3::Hash) -> Path {
+    /// The tail after `index` full chunks whose prefix hashes to `parent`.
+    pub(super) fn tail_path(
+        &self,
+        model: &ModelFingerprint,
+        index: usize,
+        parent: &blake3::Hash,
+    ) -> Path {
         Path::from(format!(
-            "{}/t-{}.{}",
+            "{}/{}",
             self.root(model),
-            &parent.to_hex()[..32],
-            self.config.level.name()
+            ObjectName::Tail {
+                index,
+                parent: short_hash(parent),
+                level: self.config.level,
+            }
         ))
     }
 
@@ -315,7 +343,7 @@ impl PrefixStore for ObjectPrefixStore {
         let mut written = 0u64;
         for i in 0..n_full {
             for level in self.levels_written() {
-                let path = self.chunk_path(model, &hashes[i + 1], level);
+                let path = self.chunk_path(model, i, &hashes[i], &hashes[i + 1], level);
                 if self.exists(&path).await? {
                     continue;
                 }
@@ -333,7 +361,7 @@ impl PrefixStore for ObjectPrefixStore {
         }
         let tail = n - n_full * c;
         if tail > 0 {
-            let path = self.tail_path(model, &hashes[n_full]);
+            let path = self.tail_path(model, n_full, &hashes[n_full]);
             // Keep the longer tail: a shorter prefix must not replace a longer one's. Only the
             // envelope's token ids are read, not the whole object.
             let keep_existing = match self.envelope_tokens(&path).await {
@@ -436,7 +464,7 @@ impl ObjectPrefixStore {
         // Fetch the run of full chunks in order, a few at a time, up to the first miss.
         let fetched: Vec<Option<bytes::Bytes>> = stream::iter(0..max_full)
             .map(|i| {
-                let path = self.chunk_path(model, &hashes[i + 1], level);
+                let path = self.chunk_path(model, i, &hashes[i], &hashes[i + 1], level);
                 async move { self.get(&path).await }
             })
             .buffered(self.config.fetch_concurrency)
@@ -448,7 +476,10 @@ impl ObjectPrefixStore {
             fetched.into_iter().flatten().map(|b| (b, c)).collect();
         let mut covered = n_full * c;
         if covered < usable {
-            if let Some(bytes) = self.get(&self.tail_path(model, &hashes[n_full])).await? {
+            if let Some(bytes) = self
+                .get(&self.tail_path(model, n_full, &hashes[n_full]))
+                .await?
+            {
                 let (tokens, _) = parse_envelope(&bytes)?;
                 let shared = common_prefix_len(&tokens, &prompt[covered..usable]);
                 if shared > 0 {

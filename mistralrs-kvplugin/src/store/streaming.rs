@@ -54,7 +54,11 @@ pub struct StreamedLoad {
 /// A stored chunk (or the tail) found by discovery.
 struct Found {
     offer: ChunkOffer,
-    /// The chain hash naming it (its parent's, for the tail).
+    /// Its position in the chain: full chunks before it.
+    index: usize,
+    /// The chain hash of the prefix before it.
+    parent: blake3::Hash,
+    /// Its own chain hash (the parent's, for the tail).
     hash: blake3::Hash,
     is_tail: bool,
 }
@@ -189,9 +193,9 @@ impl ObjectPrefixStore {
                 break;
             };
             let path = if chunk.is_tail {
-                self.tail_path(model, &chunk.hash)
+                self.tail_path(model, chunk.index, &chunk.parent)
             } else {
-                self.chunk_path(model, &chunk.hash, level)
+                self.chunk_path(model, chunk.index, &chunk.parent, &chunk.hash, level)
             };
             let fetch_started = Instant::now();
             let fetched = match planner.as_mut() {
@@ -322,7 +326,7 @@ impl ObjectPrefixStore {
         let sizes: Vec<Vec<(Level, u64)>> = stream::iter(0..max_full)
             .map(|i| async move {
                 let heads = levels.iter().map(|&level| async move {
-                    let path = self.chunk_path(model, &hashes[i + 1], level);
+                    let path = self.chunk_path(model, i, &hashes[i], &hashes[i + 1], level);
                     Ok::<_, StoreError>(self.size_of(&path).await?.map(|size| (level, size)))
                 });
                 let found = future::try_join_all(heads).await?;
@@ -341,15 +345,20 @@ impl ObjectPrefixStore {
                     tokens: c,
                     levels,
                 },
+                index: i,
+                parent: hashes[i],
                 hash: hashes[i + 1],
                 is_tail: false,
             })
             .collect();
         let covered = found.len() * c;
         if covered < usable {
-            let parent = hashes[found.len()];
-            if let Some(size) = self.size_of(&self.tail_path(model, &parent)).await? {
+            let index = found.len();
+            let parent = hashes[index];
+            if let Some(size) = self.size_of(&self.tail_path(model, index, &parent)).await? {
                 found.push(Found {
+                    index,
+                    parent,
                     offer: ChunkOffer {
                         start: covered,
                         // At most this many; the envelope says how many are shared.
