@@ -292,6 +292,78 @@ fn serve_answers_openai_clients_like_stock_and_a_restart_finds_its_store() {
     );
     assert!(counter(&metrics, "kvplugin_store_read_bytes_total{store=\"local\"}") > 0.0);
     restarted.stop();
+
+    // Store operations: a dry run lists and keeps, a GC deletes, the next lookup misses cleanly.
+    let objects = |config: &Path| -> u64 {
+        let usage = store_cli(config, &["ls"]);
+        usage["objects"].as_u64().expect("objects")
+    };
+    let stored = objects(&config);
+    assert!(stored > 0, "the store holds the chunks");
+    let dry = store_cli(
+        &config,
+        &["gc", "--older-than", "0s", "--grace", "0s", "--dry-run"],
+    );
+    assert_eq!(
+        dry["plan"]["delete"].as_array().unwrap().len() as u64,
+        stored,
+        "{dry}"
+    );
+    assert_eq!(dry["deleted"], 0);
+    assert_eq!(objects(&config), stored, "a dry run deletes nothing");
+    let gc = store_cli(&config, &["gc", "--older-than", "0s", "--grace", "0s"]);
+    assert_eq!(gc["deleted"].as_u64().unwrap(), stored, "{gc}");
+    assert_eq!(objects(&config), 0);
+
+    let after_gc = Server::start(dir.path(), "plugin-3", Some(&config), Some(token));
+    let third = after_gc.chat(&ask(&doc, QUESTION_2), false);
+    assert_eq!(third["text"], stock_2["text"]);
+    assert_eq!(cached_tokens(&third), 0, "nothing left to reuse: {third}");
+    let metrics = after_gc.metrics();
+    assert_eq!(
+        counter(&metrics, "kvplugin_lookups_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(counter(&metrics, "kvplugin_lookup_hits_total"), 0.0);
+    for reason in ["backend", "denied", "corrupt", "timeout"] {
+        let name = format!("kvplugin_lookup_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(counter(&metrics, &name), 0.0, "a miss is not a failure");
+    }
+    // The same operations over HTTP need the admin token.
+    let refused = after_gc.http("POST", "/v1/kvcache/store/gc?dry_run=true", None);
+    assert_eq!(refused["status"], 401, "{refused}");
+    let listed = after_gc.http("GET", "/v1/kvcache/store", Some(token));
+    assert_eq!(listed["status"], 200, "{listed}");
+    let dry = after_gc.http(
+        "POST",
+        "/v1/kvcache/store/gc?dry_run=true&older_than=0s&grace=0s",
+        Some(token),
+    );
+    assert_eq!(dry["status"], 200, "{dry}");
+    let dry: Value = serde_json::from_str(dry["body"].as_str().unwrap()).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["deleted"], 0);
+    after_gc.stop();
+}
+
+/// Runs `kvplugin store ... --json` on `config`.
+fn store_cli(config: &Path, args: &[&str]) -> Value {
+    let out = Command::new(kvplugin_bin())
+        .arg("store")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .env_remove("KVPLUGIN_STORE_URL")
+        .output()
+        .expect("run kvplugin store");
+    assert!(
+        out.status.success(),
+        "kvplugin store {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("store JSON")
 }
 
 /// Two servers on one Garage bucket: the second's first request on a document the first stored

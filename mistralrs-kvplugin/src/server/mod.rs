@@ -17,6 +17,9 @@
 //! - The stock operator routes that change the engine (`/re_isq`, `/v1/models/unload`,
 //!   `/v1/models/reload`, `/v1/models/tune`, `/v1/system/doctor`) need the admin bearer token; no
 //!   token configured = refused. Stock mistral.rs leaves them open to anyone who can connect.
+//! - Store operations (`/v1/kvcache/store...`: usage, removal by model, GC) need the same token.
+//!   They and the sweeper (a GC every `[store] sweep_interval` when `max_bytes` or `ttl` bounds
+//!   the store) use a backend of their own, on the server's runtime, never the engine's.
 //! - Stop (Ctrl-C, SIGTERM): no new connections, in-flight requests finish, then the hook's
 //!   saves in flight are waited for ([`KvPluginHook::drain`], bounded): a stopped server has
 //!   written everything it will write.
@@ -24,18 +27,22 @@
 pub mod prometheus;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Request, State},
-    http::{header, HeaderValue, StatusCode},
+    extract::{Path as UrlPath, Query, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
     Json, Router,
 };
 use futures::StreamExt;
@@ -43,11 +50,16 @@ use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRoute
 use serde_json::Value;
 use tower::ServiceExt;
 
+use object_store::ObjectStore;
+
 use crate::{
     config::PluginConfig,
     engine::{build_runner, EngineOptions, ModelSource},
     hook::KvPluginHook,
-    store::ObjectPrefixStore,
+    store::{
+        admin::{self, GcPolicy},
+        ObjectPrefixStore,
+    },
 };
 
 /// How `kvplugin serve` runs.
@@ -83,6 +95,34 @@ struct AppState {
     model: String,
     admin_token: Option<Arc<str>>,
     started: Instant,
+    store_admin: Option<Arc<StoreAdmin>>,
+}
+
+/// What the store operations and the sweeper work on.
+struct StoreAdmin {
+    backend: Arc<dyn ObjectStore>,
+    namespace: String,
+    policy: GcPolicy,
+    deleted_objects: AtomicU64,
+    deleted_bytes: AtomicU64,
+}
+
+impl StoreAdmin {
+    async fn gc(&self, policy: &GcPolicy, dry_run: bool) -> crate::Result<(admin::GcPlan, usize)> {
+        let (plan, deleted) =
+            admin::gc(self.backend.as_ref(), &self.namespace, policy, dry_run).await?;
+        self.count(&plan, deleted);
+        Ok((plan, deleted))
+    }
+
+    fn count(&self, plan: &admin::GcPlan, deleted: usize) {
+        if deleted > 0 {
+            self.deleted_objects
+                .fetch_add(deleted as u64, Ordering::Relaxed);
+            self.deleted_bytes
+                .fetch_add(plan.deleted_bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The store's kind, for labels: `s3`, `memory` or `local`.
@@ -130,6 +170,16 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         engine = engine.with_kv_hook(hook.clone());
     }
     tracing::info!(model = %options.served_model_name, plugin = plugin.is_some(), "kvplugin: loading the model");
+    let store_admin = match &options.plugin {
+        Some(config) => Some(Arc::new(StoreAdmin {
+            backend: config.open_backend()?,
+            namespace: config.namespace.clone(),
+            policy: config.gc_policy()?,
+            deleted_objects: AtomicU64::new(0),
+            deleted_bytes: AtomicU64::new(0),
+        })),
+        None => None,
+    };
     let (runner, _tokenizer) = build_runner(engine).await?;
     let stock = MistralRsServerRouterBuilder::new()
         .with_mistralrs(runner.clone())
@@ -143,6 +193,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         model: options.served_model_name.clone(),
         admin_token: options.admin_token.as_deref().map(Arc::from),
         started: Instant::now(),
+        store_admin: store_admin.clone(),
+    };
+    let sweeper = match (
+        &store_admin,
+        options
+            .plugin
+            .as_ref()
+            .and_then(PluginConfig::sweep_interval),
+    ) {
+        (Some(store_admin), Some(every)) => Some(tokio::spawn(sweep(store_admin.clone(), every))),
+        _ => None,
     };
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
@@ -153,6 +214,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(stop_signal())
         .await?;
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     if let Some((hook, _, _)) = &plugin {
         eprintln!("kvplugin: stopping; waiting for saves in flight");
         if !hook.drain(options.drain_timeout).await {
@@ -176,6 +240,9 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/kvcache/stats", get(stats))
+        .route("/v1/kvcache/store", get(store_usage))
+        .route("/v1/kvcache/store/models/{model}", delete(store_remove))
+        .route("/v1/kvcache/store/gc", post(store_gc))
         .route("/v1/chat/completions", post(with_cached_tokens))
         .route("/v1/completions", post(with_cached_tokens))
         .route("/re_isq", post(admin_passthrough))
@@ -185,6 +252,24 @@ fn router(state: AppState) -> Router {
         .route("/v1/system/doctor", post(admin_passthrough))
         .with_state(state)
         .fallback_service(stock)
+}
+
+/// Runs the GC every `every` with the configured policy (the first run after one interval).
+async fn sweep(store_admin: Arc<StoreAdmin>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match store_admin.gc(&store_admin.policy, false).await {
+            Ok((plan, deleted)) => tracing::info!(
+                deleted,
+                deleted_bytes = plan.deleted_bytes,
+                kept_bytes = plan.kept_bytes,
+                "kvplugin: store sweep"
+            ),
+            Err(e) => tracing::warn!(error = %e, "kvplugin: store sweep failed"),
+        }
+    }
 }
 
 async fn stop_signal() {
@@ -218,7 +303,7 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
 
 /// Checks the `Authorization: Bearer` header against the configured admin token (compared in
 /// constant time).
-fn authorize(state: &AppState, request: &Request) -> Result<(), Box<Response>> {
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &state.admin_token else {
         return Err(Box::new(error(
             StatusCode::FORBIDDEN,
@@ -226,8 +311,7 @@ fn authorize(state: &AppState, request: &Request) -> Result<(), Box<Response>> {
             "admin routes are off: start the server with --admin-token (or KVPLUGIN_ADMIN_TOKEN)",
         )));
     };
-    let given = request
-        .headers()
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -250,10 +334,110 @@ fn authorize(state: &AppState, request: &Request) -> Result<(), Box<Response>> {
 }
 
 async fn admin_passthrough(State(state): State<AppState>, request: Request) -> Response {
-    if let Err(refused) = authorize(&state, &request) {
+    if let Err(refused) = authorize(&state, request.headers()) {
         return *refused;
     }
     forward(&state, request).await
+}
+
+fn query_flag(query: &HashMap<String, String>, key: &str) -> bool {
+    query.get(key).is_some_and(|v| v == "true" || v == "1")
+}
+
+/// The store operations' shared checks: the token, and a store to operate on.
+fn store_admin(state: &AppState, headers: &HeaderMap) -> Result<Arc<StoreAdmin>, Box<Response>> {
+    authorize(state, headers)?;
+    state.store_admin.clone().ok_or_else(|| {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            "no_store",
+            "this server runs without the plugin (--no-plugin): it has no store",
+        ))
+    })
+}
+
+fn operation_result(result: crate::Result<(admin::GcPlan, usize)>, dry_run: bool) -> Response {
+    match result {
+        Ok((plan, deleted)) => Json(serde_json::json!({
+            "dry_run": dry_run,
+            "deleted": deleted,
+            "plan": plan,
+        }))
+        .into_response(),
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            "store_operation_failed",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `GET /v1/kvcache/store`: what the store holds per model.
+async fn store_usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let store_admin = match store_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
+    };
+    match admin::list(store_admin.backend.as_ref(), &store_admin.namespace).await {
+        Ok(objects) => Json(admin::usage(&objects, std::time::SystemTime::now())).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, "store_unavailable", e.to_string()),
+    }
+}
+
+/// `DELETE /v1/kvcache/store/models/{model}[?dry_run=true]`.
+async fn store_remove(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    UrlPath(model): UrlPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let store_admin = match store_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
+    };
+    let dry_run = query_flag(&query, "dry_run");
+    let result = admin::remove(
+        store_admin.backend.as_ref(),
+        &store_admin.namespace,
+        Some(&model),
+        dry_run,
+    )
+    .await;
+    if let Ok((plan, deleted)) = &result {
+        store_admin.count(plan, *deleted);
+    }
+    operation_result(result, dry_run)
+}
+
+/// `POST /v1/kvcache/store/gc[?dry_run=true&older_than=7d&max_bytes=10G&grace=10m]`: the
+/// configured policy, with the query's overrides.
+async fn store_gc(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let store_admin = match store_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
+    };
+    let mut policy = store_admin.policy.clone();
+    let overrides = (|| -> crate::Result<()> {
+        if let Some(d) = query.get("older_than") {
+            policy.older_than = Some(admin::parse_duration(d)?);
+        }
+        if let Some(b) = query.get("max_bytes") {
+            policy.max_bytes = Some(admin::parse_bytes(b)?);
+        }
+        if let Some(g) = query.get("grace") {
+            policy.grace = admin::parse_duration(g)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = overrides {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+    }
+    let dry_run = query_flag(&query, "dry_run");
+    operation_result(store_admin.gc(&policy, dry_run).await, dry_run)
 }
 
 async fn forward(state: &AppState, request: Request) -> Response {
@@ -272,6 +456,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .as_ref()
             .map(|s| (state.store_kind, store_traffic(s))),
         uptime_s: state.started.elapsed().as_secs_f64(),
+        gc_deleted: state.store_admin.as_ref().map(|a| {
+            (
+                a.deleted_objects.load(Ordering::Relaxed),
+                a.deleted_bytes.load(Ordering::Relaxed),
+            )
+        }),
     });
     (
         [(
@@ -284,7 +474,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 fn store_traffic(store: &ObjectPrefixStore) -> prometheus::StoreTraffic {
-    use std::sync::atomic::Ordering;
     let c = store.counters();
     prometheus::StoreTraffic {
         bytes_read: c.bytes_read.load(Ordering::Relaxed),

@@ -39,6 +39,8 @@ pub struct Scrape<'a> {
     pub store: Option<(&'a str, StoreTraffic)>,
     /// Seconds since the server started.
     pub uptime_s: f64,
+    /// Objects and bytes the store's GC (sweeper and admin calls) deleted.
+    pub gc_deleted: Option<(u64, u64)>,
 }
 
 /// The lookup latency histogram, from the snapshot's fixed buckets.
@@ -110,6 +112,19 @@ pub fn encode(scrape: &Scrape<'_>) -> String {
             "Object bytes written to the store, after compression",
             Unit::Bytes,
             labelled(&[("store", kind, traffic.bytes_written)]),
+        );
+    }
+    if let Some((objects, bytes)) = scrape.gc_deleted {
+        r.register(
+            "gc_deleted_objects",
+            "Store objects deleted by the GC and by removals (sweeper and admin routes)",
+            counter(objects),
+        );
+        r.register_with_unit(
+            "gc_deleted",
+            "Store bytes deleted by the GC and by removals",
+            Unit::Bytes,
+            counter(bytes),
         );
     }
     let mut out = String::new();
@@ -319,6 +334,7 @@ mod tests {
                 },
             )),
             uptime_s: 1.0,
+            gc_deleted: Some((4, 400)),
         });
         assert_eq!(sample(&text, "kvplugin_lookups_total"), Some(3.0), "{text}");
         assert_eq!(sample(&text, "kvplugin_lookup_hits_total"), Some(2.0));
@@ -369,12 +385,17 @@ mod tests {
             Some(1.5)
         );
         assert_eq!(sample(&text, "kvplugin_plugin_enabled"), Some(1.0));
+        assert_eq!(
+            sample(&text, "kvplugin_gc_deleted_bytes_total"),
+            Some(400.0)
+        );
         assert!(text.trim_end().ends_with("# EOF"));
 
         let stock = encode(&Scrape {
             metrics: None,
             store: None,
             uptime_s: 0.0,
+            gc_deleted: None,
         });
         assert_eq!(sample(&stock, "kvplugin_plugin_enabled"), Some(0.0));
         assert!(!stock.contains("kvplugin_lookups_total"));
