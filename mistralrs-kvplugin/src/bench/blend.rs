@@ -365,6 +365,10 @@ pub struct EvalBlendArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw token F1 and TTFT (relative to full prefill) against the recompute ratio as SVG into
+    /// this file (`full` is ratio 1, `reuse` ratio 0).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// One mode's results.
@@ -473,6 +477,9 @@ async fn eval(args: EvalBlendArgs) -> anyhow::Result<()> {
             "| {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} |",
             r.name, r.ttft_mean_s, r.ttft_p50_s, r.ttft_p90_s, r.f1, r.em, r.agreement_with_full
         );
+    }
+    if let Some(path) = &args.plot {
+        ratio_plot(&results).write(path)?;
     }
     if let Some(path) = &args.json {
         let report = EvalReport {
@@ -853,6 +860,73 @@ fn spearman(a: &[(usize, f32)], b: &[(usize, f32)]) -> f64 {
     let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
     let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
     cov / (va * vb).sqrt().max(1e-30)
+}
+
+/// F1 and relative TTFT against the recompute ratio, one pair of lines per mode variant (`blend-R`
+/// with the same suffix; `full` and `reuse` join every variant at ratio 1 and 0).
+fn ratio_plot(results: &[ModeResult]) -> super::plot::LinePlot {
+    use super::plot::{LinePlot, Scale, Series};
+    let full_ttft = results
+        .iter()
+        .find(|r| r.name == "full")
+        .map(|r| r.ttft_p50_s);
+    let ratio_of = |name: &str| -> Option<(f64, String)> {
+        match name {
+            "full" => Some((1.0, String::new())),
+            "reuse" => Some((0.0, String::new())),
+            _ => {
+                let rest = name.strip_prefix("blend-")?;
+                let rest = rest.strip_prefix("store-").unwrap_or(rest);
+                let (ratio, variant) = rest.split_once('-').unwrap_or((rest, ""));
+                Some((ratio.parse().ok()?, variant.to_string()))
+            }
+        }
+    };
+    let mut variants: Vec<String> = results
+        .iter()
+        .filter_map(|r| ratio_of(&r.name).map(|(_, v)| v))
+        .collect();
+    variants.sort();
+    variants.dedup();
+    let mut series = Vec::new();
+    for variant in &variants {
+        let mut f1 = Vec::new();
+        let mut ttft = Vec::new();
+        for r in results {
+            let Some((ratio, v)) = ratio_of(&r.name) else {
+                continue;
+            };
+            if v.is_empty() || v == *variant {
+                f1.push((ratio, r.f1));
+                if let Some(full) = full_ttft {
+                    ttft.push((ratio, r.ttft_p50_s / full.max(1e-9)));
+                }
+            }
+        }
+        f1.sort_by(|a, b| a.0.total_cmp(&b.0));
+        ttft.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let suffix = if variant.is_empty() {
+            String::new()
+        } else {
+            format!(" ({variant})")
+        };
+        series.push(Series {
+            name: format!("token F1{suffix}"),
+            points: f1,
+        });
+        series.push(Series {
+            name: format!("TTFT p50 / full prefill's{suffix}"),
+            points: ttft,
+        });
+    }
+    LinePlot {
+        title: "CacheBlend: quality and TTFT against the recompute ratio".into(),
+        x_label: "recompute ratio (0 = reuse only, 1 = full prefill)".into(),
+        y_label: "F1, or TTFT relative to full prefill".into(),
+        x_scale: Scale::Linear,
+        y_scale: Scale::Linear,
+        series,
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,10 @@ pub struct CodecBenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw the perplexity change against bits per value (our levels, the baselines) as SVG
+    /// into this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Evaluate only this quantisation, e.g. `k=0.5,0.5,0.5;v=0.3,0.3,0.3` (steps for each third of
     /// the layers, per-channel groups; `vt=` instead of `v=` for per-token value groups).
     #[arg(long)]
@@ -214,7 +218,37 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
+    if let Some(path) = &args.plot {
+        rate_quality_plot(&report).write(path)?;
+    }
     Ok(())
+}
+
+/// Perplexity change against bits per value: our levels as one line, each baseline a point.
+fn rate_quality_plot(report: &Report) -> super::plot::LinePlot {
+    use super::plot::{LinePlot, Scale, Series};
+    let point = |r: &SchemeResult| (r.bits_per_value, r.ppl_delta_pct.abs().max(1e-4));
+    let mut ours: Vec<(f64, f64)> = report.levels.iter().map(point).collect();
+    ours.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut series = vec![Series {
+        name: "kvplugin levels".into(),
+        points: ours,
+    }];
+    series.extend(report.baselines.iter().map(|r| Series {
+        name: r.name.clone(),
+        points: vec![point(r)],
+    }));
+    LinePlot {
+        title: format!(
+            "KV codecs: quality against size ({} tokens, {} eval tokens)",
+            report.tokens, report.eval_tokens
+        ),
+        x_label: "bits per value".into(),
+        y_label: "|perplexity change|, % (log)".into(),
+        x_scale: Scale::Linear,
+        y_scale: Scale::Log,
+        series,
+    }
 }
 
 /// The codec at one level, as a [`Scheme`].

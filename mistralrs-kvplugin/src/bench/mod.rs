@@ -5,6 +5,8 @@ pub mod baselines;
 pub mod blend;
 pub mod codec;
 pub mod offload;
+pub mod plot;
+pub mod serve;
 pub mod stream;
 pub mod transform;
 
@@ -40,4 +42,19 @@ pub(crate) fn percentile(xs: &[f64], p: f64) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// A progress bar for a benchmark of `len` steps (drawn on stderr when it is a terminal, hidden
+/// otherwise); print through [`indicatif::ProgressBar::println`] while it runs.
+pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} requests, {elapsed} (eta {eta})",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
 }

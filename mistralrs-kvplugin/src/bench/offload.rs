@@ -73,6 +73,10 @@ pub struct OffloadBenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw TTFT against prompt length (stock full prefill, stock memory hit, each store and
+    /// level) as SVG into this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// Results of one context length.
@@ -204,27 +208,33 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         prompts.push(per_rep);
     }
 
-    println!("== stock engine: full prefill, then its in-memory prefix hit");
+    let bar = super::progress_bar(
+        (prompts.len() * args.reps.max(1) * (3 + targets.len())) as u64,
+        "bench offload",
+    );
+    bar.println("== stock engine: full prefill, then its in-memory prefix hit");
     let mut stock_full = vec![Vec::new(); prompts.len()];
     let mut stock_hit = vec![Vec::new(); prompts.len()];
     let mut reference = vec![Vec::new(); prompts.len()];
     for (c, per_rep) in prompts.iter().enumerate() {
         for (q1, q2) in per_rep {
             stock_full[c].push(stock.complete(q1, args.max_new_tokens).await?.ttft);
+            bar.inc(1);
             let hit = stock.complete(q2, args.max_new_tokens).await?;
+            bar.inc(1);
             stock_hit[c].push(hit.ttft);
             reference[c].push(hit.tokens);
         }
-        println!(
+        bar.println(format!(
             "   {} tokens: full {:.3} s, memory hit {:.3} s",
             per_rep[0].1.len(),
             secs(median(&stock_full[c])),
             secs(median(&stock_hit[c]))
-        );
+        ));
     }
     drop(stock);
 
-    println!("== writer engine: cold prefill, cache saved to every store at every level");
+    bar.println("== writer engine: cold prefill, cache saved to every store at every level");
     let fan_out = Arc::new(FanOut(targets.iter().map(|t| t.store.clone()).collect()));
     let writer_hook = Arc::new(KvPluginHook::new(fan_out, HookConfig::default()));
     let writer = LocalEngine::start(
@@ -243,6 +253,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         for (q1, _) in per_rep {
             let before: Vec<(u64, u64)> = targets.iter().map(|t| counters(&t.store)).collect();
             plugin_cold[c].push(writer.complete(q1, args.max_new_tokens).await?.ttft);
+            bar.inc(1);
             saves += 1;
             let m = writer_hook.wait_for_saves(saves, WAIT).await?;
             if m.save_failures + m.dropped_saves > 0 {
@@ -254,21 +265,21 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
                 bytes[c][t].1 += after.1 - before[t].1;
             }
         }
-        println!(
+        bar.println(format!(
             "   {} tokens: cold {:.3} s",
             per_rep[0].0.len(),
             secs(median(&plugin_cold[c]))
-        );
+        ));
     }
     drop(writer);
 
     let mut hits: Vec<Vec<HitResult>> = (0..prompts.len()).map(|_| Vec::new()).collect();
     for (t, target) in targets.iter().enumerate() {
-        println!(
+        bar.println(format!(
             "== reader engine: store hits from {} at level {}",
             target.store_url,
             target.level.name()
-        );
+        ));
         let hook = Arc::new(KvPluginHook::new(
             target.store.clone(),
             HookConfig {
@@ -290,6 +301,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
             for (rep, (_, q2)) in per_rep.iter().enumerate() {
                 let before = hook.metrics().snapshot();
                 let answer = reader.complete(q2, args.max_new_tokens).await?;
+                bar.inc(1);
                 let after = hook.wait_for_finished(q2.len(), WAIT).await?;
                 if after.hits != before.hits + 1 {
                     anyhow::bail!(
@@ -309,7 +321,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
             let ttft = secs(median(&ttfts));
             let memory = secs(median(&stock_hit[c]));
             let full = secs(median(&stock_full[c]));
-            println!(
+            bar.println(format!(
                 "   {} tokens: hit {ttft:.3} s ({:.2}x memory hit, 1/{:.0} of full prefill), load {:.3} s, {}/{} answers as stock",
                 per_rep[0].1.len(),
                 ttft / memory,
@@ -317,7 +329,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
                 secs(median(&loads)),
                 matches,
                 per_rep.len()
-            );
+            ));
             hits[c].push(HitResult {
                 store: target.store_url.clone(),
                 level: target.level.name().into(),
@@ -349,9 +361,13 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
             })
             .collect(),
     };
+    bar.finish_and_clear();
     print_table(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(path) = &args.plot {
+        plot(&report).write(path)?;
     }
 
     // Leave the stores as they were.
@@ -416,5 +432,50 @@ fn print_table(report: &Report) {
                 100.0 * h.answers_match_stock
             );
         }
+    }
+}
+
+/// TTFT against prompt length: one line for stock's full prefill, one for its memory hit, one per
+/// store and level.
+fn plot(report: &Report) -> super::plot::LinePlot {
+    use super::plot::{LinePlot, Scale, Series};
+    let line = |name: &str, y: &dyn Fn(&ContextResult) -> Option<f64>| Series {
+        name: name.to_string(),
+        points: report
+            .contexts
+            .iter()
+            .filter_map(|c| y(c).map(|y| (c.prompt_tokens as f64, y)))
+            .collect(),
+    };
+    let mut series = vec![
+        line("stock: full prefill", &|c| Some(c.stock_full_prefill_s)),
+        line("stock: in-memory prefix hit", &|c| {
+            Some(c.stock_memory_hit_s)
+        }),
+    ];
+    let mut seen = Vec::new();
+    for hit in report.contexts.iter().flat_map(|c| &c.hits) {
+        let key = (hit.store.clone(), hit.level.clone());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key.clone());
+        series.push(line(&format!("store hit: {} ({})", key.0, key.1), &|c| {
+            c.hits
+                .iter()
+                .find(|h| h.store == key.0 && h.level == key.1)
+                .map(|h| h.ttft_s)
+        }));
+    }
+    LinePlot {
+        title: format!(
+            "Time to first token ({}, medians of {})",
+            report.model, report.reps
+        ),
+        x_label: "prompt tokens".into(),
+        y_label: "TTFT, seconds (log)".into(),
+        x_scale: Scale::Linear,
+        y_scale: Scale::Log,
+        series,
     }
 }

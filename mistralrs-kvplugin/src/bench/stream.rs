@@ -104,6 +104,10 @@ pub struct StreamBenchArgs {
     /// Write the results as JSON to this file (one object per trace; an array for several).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw each request's TTFT per policy, and the budget, as SVG into this file (with several
+    /// traces: one file per trace, the trace's name appended).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// One policy's results on one trace.
@@ -510,6 +514,24 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     for report in &reports {
         print_table(report);
     }
+    if let Some(path) = &args.plot {
+        for report in &reports {
+            let file = if reports.len() == 1 {
+                path.clone()
+            } else {
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("stream");
+                let trace = std::path::Path::new(&report.trace)
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("trace");
+                path.with_file_name(format!("{stem}-{trace}.svg"))
+            };
+            ttft_plot(report).write(&file)?;
+        }
+    }
     if let Some(path) = &args.json {
         let json = if reports.len() == 1 {
             serde_json::to_vec_pretty(&reports[0])?
@@ -583,5 +605,47 @@ fn print_table(report: &TraceReport) {
             p.ppl_delta_pct,
             p.greedy_agreement
         );
+    }
+}
+
+/// Each request's TTFT per policy, with the budget as a flat line.
+fn ttft_plot(report: &TraceReport) -> super::plot::LinePlot {
+    use super::plot::{LinePlot, Scale, Series};
+    let n = report
+        .policies
+        .iter()
+        .map(|p| p.requests.len())
+        .max()
+        .unwrap_or(0);
+    let mut series: Vec<Series> = report
+        .policies
+        .iter()
+        .map(|p| Series {
+            name: p.name.clone(),
+            points: p
+                .requests
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ((i + 1) as f64, r.ttft_s))
+                .collect(),
+        })
+        .collect();
+    if report.budget_ms > 0 && n > 0 {
+        let budget = report.budget_ms as f64 / 1e3;
+        series.push(Series {
+            name: "budget".into(),
+            points: vec![(1.0, budget), (n as f64, budget)],
+        });
+    }
+    LinePlot {
+        title: format!(
+            "TTFT per request on {} ({} prompt tokens)",
+            report.trace, report.prompt_tokens
+        ),
+        x_label: "request".into(),
+        y_label: "TTFT, seconds".into(),
+        x_scale: Scale::Linear,
+        y_scale: Scale::Linear,
+        series,
     }
 }

@@ -86,6 +86,10 @@ enum BenchCommand {
     /// Replays bandwidth traces: the adaptive loader against each fixed level, always-lossless
     /// and always-text (violation rate, TTFT mean and p90, perplexity change, greedy agreement).
     Stream(crate::bench::stream::StreamBenchArgs),
+    /// Workloads over HTTP against running servers (`kvplugin serve`, `--no-plugin`): a
+    /// multi-round long-document chat and RAG questions from concurrent clients, and two servers
+    /// sharing a store (TTFT p50/p90, requests per minute).
+    Serve(crate::bench::serve::ServeBenchArgs),
     /// CacheBlend: TTFT and throughput of full prefill, prefix caching, reuse and blend on RAG
     /// prompts, and the selection diagnostics (attention deviation against the ratio, rank
     /// correlation of deviations between layers).
@@ -106,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
         Command::Bench(BenchCommand::Blend(args)) => crate::bench::blend::run_bench(args),
+        Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
         Command::Eval(EvalCommand::BlendQa(args)) => crate::bench::blend::run_eval(args),
     };
     match result {
