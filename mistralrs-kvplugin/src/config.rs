@@ -8,7 +8,8 @@
 //! extra_levels = []            # e.g. ["default", "coarse"]: chunks also written at these
 //! fetch_concurrency = 8
 //! max_pending_saves = 4
-//! load_timeout_ms = 10000
+//! load_timeout_ms = 10000          # a store lookup
+//! blend_timeout_ms = 120000        # a blended lookup (it may compute its documents)
 //! min_prefix_tokens = 16
 //! read_only = false            # true: look up only, never save
 //!
@@ -20,6 +21,10 @@
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //! allow_http = true
 //! request_timeout_ms = 5000
+//! max_bytes = "20G"                    # optional bound: the GC deletes the oldest chains beyond it
+//! ttl = "7d"                           # optional: chains not extended for this long are deleted
+//! gc_grace = "10m"                     # never delete what is younger (saves in progress)
+//! sweep_interval = "10m"               # `kvplugin serve` runs the GC this often when bounded
 //!
 //! [stream]                             # optional: adaptive chunk-by-chunk lookups
 //! budget_ms = 1500                     # time-to-first-token budget
@@ -34,6 +39,7 @@
 //! deviation = "value"                  # or "key"
 //! memory_bytes = 2147483648            # in-memory document caches (LRU)
 //! separator = "[[KVBLEND]]"            # between prefix, documents and question in marked text
+//! from_text = true                     # blend chat/completion text that holds the separator
 //! adaptive_ratio = true                # raise the ratio while loads are slower than recompute
 //! document_sink = true                 # compute documents after the prompt's first token
 //! ```
@@ -218,6 +224,8 @@ pub struct PluginConfig {
     pub max_pending_saves: usize,
     /// How long the engine waits for a lookup.
     pub load_timeout_ms: u64,
+    /// How long a blended lookup may take (computing missing documents included).
+    pub blend_timeout_ms: u64,
     /// Shorter prefixes are neither saved nor looked up.
     pub min_prefix_tokens: usize,
     /// Only look up, never save.
@@ -242,6 +250,7 @@ impl Default for PluginConfig {
             fetch_concurrency: store.fetch_concurrency,
             max_pending_saves: hook.max_pending_saves,
             load_timeout_ms: hook.load_timeout.as_millis() as u64,
+            blend_timeout_ms: hook.blend_timeout.as_millis() as u64,
             min_prefix_tokens: hook.min_prefix_tokens,
             read_only: hook.read_only,
             stream: None,
@@ -341,6 +350,9 @@ impl PluginConfig {
         }
         if self.max_pending_saves == 0 {
             return Err(bad("max_pending_saves", "must be at least 1"));
+        }
+        if self.blend_timeout_ms == 0 {
+            return Err(bad("blend_timeout_ms", "must be at least 1"));
         }
         if self.load_timeout_ms == 0 {
             return Err(bad("load_timeout_ms", "must be at least 1"));
@@ -493,6 +505,7 @@ impl PluginConfig {
         HookConfig {
             max_pending_saves: self.max_pending_saves,
             load_timeout: Duration::from_millis(self.load_timeout_ms),
+            blend_timeout: Duration::from_millis(self.blend_timeout_ms),
             min_prefix_tokens: self.min_prefix_tokens,
             read_only: self.read_only,
             stream: self.stream.as_ref().map(StreamSettings::policy),

@@ -52,8 +52,13 @@ use crate::{
 pub struct HookConfig {
     /// Saves in flight at once; more are dropped (and counted) rather than queued.
     pub max_pending_saves: usize,
-    /// How long the engine waits for a lookup before prefilling without it.
+    /// How long a store lookup may take before the engine prefills without it.
     pub load_timeout: Duration,
+    /// How long a blended lookup may take (loading and computing its documents' caches, then
+    /// recomputing the selected rows). A blend that computes documents does about a prefill's
+    /// work; cutting it at a store lookup's timeout would throw that work away and prefill
+    /// again, so it gets a bound of its own.
+    pub blend_timeout: Duration,
     /// Prefixes shorter than this are neither saved nor looked up: below it, recomputing is cheaper
     /// than any store round trip.
     pub min_prefix_tokens: usize,
@@ -73,6 +78,7 @@ impl Default for HookConfig {
         Self {
             max_pending_saves: 4,
             load_timeout: Duration::from_secs(10),
+            blend_timeout: Duration::from_secs(120),
             min_prefix_tokens: 16,
             read_only: false,
             stream: None,
@@ -752,7 +758,19 @@ impl KvHook for KvPluginHook {
     async fn load_prefix(&self, prompt: &[u32], cached_tokens: usize) -> Option<KvPrefix> {
         let model = self.model.get().copied()?;
         if let Some(plan) = self.plans.take(prompt) {
-            return self.load_blended(model, plan, prompt).await;
+            let blend = self.load_blended(model, plan, prompt);
+            return match tokio::time::timeout(self.config.blend_timeout, blend).await {
+                Ok(prefix) => prefix,
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_ms = self.config.blend_timeout.as_millis() as u64,
+                        "kvplugin: blend timed out; prefilling"
+                    );
+                    self.metrics.blend_failures(1);
+                    self.count_failure("timeout");
+                    None
+                }
+            };
         }
         let min_tokens = self.min_store_tokens(prompt, cached_tokens)?;
         self.metrics.lookups(1);
@@ -830,9 +848,9 @@ impl KvHook for KvPluginHook {
     }
 
     fn load_timeout(&self) -> Duration {
-        // The hook enforces `load_timeout` itself (and counts it); the engine's own limit is a
-        // backstop for a lookup that does not yield.
-        self.config.load_timeout + Duration::from_secs(1)
+        // The hook enforces `load_timeout` (store lookups) and `blend_timeout` (blends) itself
+        // and counts them; the engine's own limit is a backstop for a lookup that does not yield.
+        self.config.load_timeout.max(self.config.blend_timeout) + Duration::from_secs(1)
     }
 }
 
