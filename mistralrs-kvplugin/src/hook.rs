@@ -489,12 +489,16 @@ impl KvPluginHook {
     /// still removed and the text re-encoded as the engine encodes it: the answer is then stock's
     /// for the text without separators.
     fn plan_from_text(&self, text: &str, tokens: &[u32]) -> Option<(Vec<u32>, String)> {
-        let config = lock(&self.blend_config).clone();
-        if !config.from_text || config.separator.is_empty() || !text.contains(&config.separator) {
-            return None;
-        }
+        // Called for every chat and completion prompt: copy the separator only when it is there.
+        let separator = {
+            let config = lock(&self.blend_config);
+            let marked = config.from_text
+                && !config.separator.is_empty()
+                && text.contains(&config.separator);
+            marked.then(|| config.separator.clone())?
+        };
         let tokenizer = self.engine_model.get()?.tokenizer.clone()?;
-        let plain_text = text.replace(&config.separator, "");
+        let plain_text = text.replace(&separator, "");
         let skip = |why: &str| {
             tracing::warn!(reason = why, "kvplugin: separators removed; not blended");
             self.metrics.text_blends_skipped(1);
@@ -504,7 +508,7 @@ impl KvPluginHook {
         if !self.can_blend() {
             return skip("the model offers no layer access");
         }
-        let prompt = match BlendPrompt::from_marked(text, &config.separator) {
+        let prompt = match BlendPrompt::from_marked(text, &separator) {
             Ok(prompt) => prompt,
             Err(e) => return skip(&e.to_string()),
         };

@@ -91,10 +91,9 @@ const QUESTIONS: [&str; 5] = [
 ];
 
 /// One timed request.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 struct Timed {
     ttft_s: f64,
-    total_s: f64,
     prompt_tokens: u64,
     cached_tokens: Option<u64>,
     round: usize,
@@ -279,8 +278,8 @@ impl Draws {
     }
 }
 
-/// The messages of every request of one client, in order, with their round numbers (chat
-/// requests after the first depend on answers: `None` marks "append the last answer").
+/// The messages of every `rag` request of one client, in order: three passages of the pool
+/// (between blend separators for a plugin server), then a question.
 fn rag_requests(
     args: &ServeBenchArgs,
     text: &str,
@@ -332,7 +331,7 @@ async fn run_clients(
     } else {
         args.rag_requests
     };
-    let bar = progress(
+    let bar = super::progress_bar(
         (args.clients * per_client) as u64,
         &format!("{workload} {url}"),
     );
@@ -406,10 +405,6 @@ async fn run_clients(
         cached_tokens_mean: (!cached.is_empty()).then(|| super::mean(&cached)),
         wall_s,
     }
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    super::progress_bar(len, what)
 }
 
 enum ClientWork {
@@ -526,7 +521,6 @@ async fn chat(
     let usage = usage.ok_or_else(|| anyhow::anyhow!("the stream ended without usage"))?;
     Ok(Timed {
         ttft_s: ttft.unwrap_or(total).as_secs_f64(),
-        total_s: total.as_secs_f64(),
         prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
         cached_tokens: usage["prompt_tokens_details"]["cached_tokens"].as_u64(),
         round: 0,
@@ -558,7 +552,7 @@ async fn run_share(
             {"role": "user", "content": question}
         ])
     };
-    let bar = progress(3 * args.reps as u64, "share");
+    let bar = super::progress_bar(3 * args.reps as u64, "share");
     let mut result = ShareResult {
         first_url: first.clone(),
         second_url: second.clone(),

@@ -29,7 +29,6 @@ pub mod prometheus;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -115,6 +114,13 @@ impl StoreAdmin {
         Ok((plan, deleted))
     }
 
+    async fn remove(&self, model: &str, dry_run: bool) -> crate::Result<(admin::GcPlan, usize)> {
+        let (plan, deleted) =
+            admin::remove(self.backend.as_ref(), &self.namespace, Some(model), dry_run).await?;
+        self.count(&plan, deleted);
+        Ok((plan, deleted))
+    }
+
     fn count(&self, plan: &admin::GcPlan, deleted: usize) {
         if deleted > 0 {
             self.deleted_objects
@@ -139,12 +145,9 @@ pub fn store_kind(config: &PluginConfig) -> &'static str {
 
 /// A model's default served name: its file stem or folder name.
 pub fn default_model_name(model: &ModelSource) -> String {
-    let path: &PathBuf = match model {
-        ModelSource::Gguf(p) | ModelSource::HfDir(p) => p,
-    };
     let name = match model {
-        ModelSource::Gguf(_) => path.file_stem(),
-        ModelSource::HfDir(_) => path.file_name(),
+        ModelSource::Gguf(path) => path.file_stem(),
+        ModelSource::HfDir(path) => path.file_name(),
     };
     name.map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".to_string())
@@ -396,17 +399,7 @@ async fn store_remove(
         Err(refused) => return *refused,
     };
     let dry_run = query_flag(&query, "dry_run");
-    let result = admin::remove(
-        store_admin.backend.as_ref(),
-        &store_admin.namespace,
-        Some(&model),
-        dry_run,
-    )
-    .await;
-    if let Ok((plan, deleted)) = &result {
-        store_admin.count(plan, *deleted);
-    }
-    operation_result(result, dry_run)
+    operation_result(store_admin.remove(&model, dry_run).await, dry_run)
 }
 
 /// `POST /v1/kvcache/store/gc[?dry_run=true&older_than=7d&max_bytes=10G&grace=10m]`: the

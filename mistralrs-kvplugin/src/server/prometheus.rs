@@ -6,8 +6,6 @@
 //! `kvplugin_` prefix, counters end in `_total`, units in the name (`_seconds`, `_bytes`).
 //! Where vLLM or LMCache count the same thing, the help text names their metric.
 
-use std::fmt::Write as _;
-
 use prometheus_client::{
     encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{counter::ConstCounter, family::Family, gauge::ConstGauge, MetricType, TypedMetric},
@@ -291,9 +289,7 @@ pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// A compact one-line view of a few counters, for logs.
 pub fn summary(m: &MetricsSnapshot) -> String {
-    let mut s = String::new();
-    let _ = write!(
-        s,
+    format!(
         "lookups {} (hits {}, failures {}), cached prompt tokens {}/{}, saves {}, blends {}",
         m.lookups,
         m.hits,
@@ -302,8 +298,7 @@ pub fn summary(m: &MetricsSnapshot) -> String {
         m.scheduled_prompt_tokens,
         m.saves,
         m.blends
-    );
-    s
+    )
 }
 
 #[cfg(test)]

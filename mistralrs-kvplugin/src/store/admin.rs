@@ -207,11 +207,25 @@ pub struct GcPlan {
 }
 
 /// A chain node: a chunk (all its levels) or a tail.
-struct Node {
+struct Node<'a> {
     objects: Vec<usize>,
     index: usize,
     newest: SystemTime,
     children: Vec<usize>,
+    /// `(model, parent's short hash)`; `None` for a chain's first chunk (index 0).
+    parent: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> Node<'a> {
+    fn new(model: &'a str, name: &'a ObjectName) -> Self {
+        Node {
+            objects: Vec::new(),
+            index: name.index(),
+            newest: SystemTime::UNIX_EPOCH,
+            children: Vec::new(),
+            parent: (name.index() > 0).then_some((model, name.parent())),
+        }
+    }
 }
 
 /// Decides what a GC run deletes (no I/O: see [`execute`]).
@@ -239,7 +253,6 @@ pub fn plan_gc(objects: &[StoredObject], policy: &GcPolicy, now: SystemTime) -> 
     // per tail object.
     let mut nodes: Vec<Node> = Vec::new();
     let mut chunk_node: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut parent_of: Vec<Option<(&str, &str)>> = Vec::new();
     for (i, o) in objects.iter().enumerate() {
         let Some(name) = o.name.as_ref().filter(|_| !o.legacy) else {
             continue;
@@ -247,38 +260,23 @@ pub fn plan_gc(objects: &[StoredObject], policy: &GcPolicy, now: SystemTime) -> 
         let node = match name {
             ObjectName::Chunk { hash, .. } => {
                 *chunk_node.entry((&o.model, hash)).or_insert_with(|| {
-                    nodes.push(Node {
-                        objects: Vec::new(),
-                        index: name.index(),
-                        newest: SystemTime::UNIX_EPOCH,
-                        children: Vec::new(),
-                    });
-                    parent_of.push(None);
+                    nodes.push(Node::new(&o.model, name));
                     nodes.len() - 1
                 })
             }
             ObjectName::Tail { .. } => {
-                nodes.push(Node {
-                    objects: Vec::new(),
-                    index: name.index(),
-                    newest: SystemTime::UNIX_EPOCH,
-                    children: Vec::new(),
-                });
-                parent_of.push(None);
+                nodes.push(Node::new(&o.model, name));
                 nodes.len() - 1
             }
         };
         nodes[node].objects.push(i);
         nodes[node].newest = nodes[node].newest.max(o.last_modified);
-        if name.index() > 0 {
-            parent_of[node] = Some((&o.model, name.parent()));
-        }
     }
     let mut tops = Vec::new(); // roots and orphans, with whether each is an orphan
-    for (id, parent) in parent_of.iter().enumerate() {
-        match parent {
+    for id in 0..nodes.len() {
+        match nodes[id].parent {
             None => tops.push((id, false)),
-            Some(key) => match chunk_node.get(key) {
+            Some(key) => match chunk_node.get(&key) {
                 Some(&p) if nodes[p].index + 1 == nodes[id].index => nodes[p].children.push(id),
                 _ => tops.push((id, true)),
             },
@@ -448,13 +446,7 @@ pub async fn gc(
     dry_run: bool,
 ) -> Result<(GcPlan, usize)> {
     let objects = list(store, namespace).await?;
-    let plan = plan_gc(&objects, policy, SystemTime::now());
-    let deleted = if dry_run {
-        0
-    } else {
-        execute(store, &plan).await?
-    };
-    Ok((plan, deleted))
+    carry_out(store, plan_gc(&objects, policy, SystemTime::now()), dry_run).await
 }
 
 /// Like [`gc`], removing every object of `model` (or of every model).
@@ -465,7 +457,15 @@ pub async fn remove(
     dry_run: bool,
 ) -> Result<(GcPlan, usize)> {
     let objects = list(store, namespace).await?;
-    let plan = plan_remove(&objects, model)?;
+    carry_out(store, plan_remove(&objects, model)?, dry_run).await
+}
+
+/// Executes `plan` unless `dry_run`; the plan and how many objects were deleted.
+async fn carry_out(
+    store: &dyn ObjectStore,
+    plan: GcPlan,
+    dry_run: bool,
+) -> Result<(GcPlan, usize)> {
     let deleted = if dry_run {
         0
     } else {
