@@ -1,12 +1,13 @@
 //! The engine patch's request handling on the real engine and model (SmolLM2-135M-Instruct, CPU):
 //!
 //! - No request is ever lost: a request parked while its KV lookup runs is answered (with an
-//!   error response) when the engine stops under it, and many slow lookups at once are all
-//!   answered with stock's output.
-//! - The three 0.8.1 bug fixes (`patches/mistralrs-core/0001`-`0003`), each with a test that fails
-//!   on the stock engine: the prefix cache keys a finished sequence on the tokens its cache holds
-//!   rows for, a sequence that finishes on its first sampled token is finished once, and the CPU
-//!   decode attention gives each sequence of a batch its own output.
+//!   error response) when the engine stops under it, a dead engine's reboot keeps the hook, and
+//!   many slow lookups at once are all answered with stock's output.
+//! - The 0.8.1 bug fixes (`patches/mistralrs-core/0001`-`0003`, `0007`), each with a test that
+//!   fails on the stock engine: the prefix cache keys a finished sequence on the tokens its cache
+//!   holds rows for, a sequence that finishes on its first sampled token is finished once, the CPU
+//!   decode attention gives each sequence of a batch its own output, and a stopping engine answers
+//!   the sequences and queued requests it holds. (`0006`, the scheduler, is `engine_scheduler.rs`.)
 //! - The `mistralrs` crate's `TextModelBuilder::with_kv_hook` (`patches/mistralrs`) gives a
 //!   program using the high-level API a store hit.
 
@@ -20,7 +21,7 @@ use std::{
 
 use async_trait::async_trait;
 use integration_tests::{document, gguf_path, hf_dir, question_prompt, wait_for};
-use mistralrs_core::{FinishedPrefix, KvHook, KvModelInfo, KvPrefix};
+use mistralrs_core::{FinishedPrefix, KvHook, KvModelInfo, KvPrefix, Request};
 use mistralrs_kvplugin::{
     engine::{EngineOptions, LocalEngine, ModelSource},
     HookConfig, KvPluginHook, MemoryPrefixStore, PrefixStore,
@@ -35,6 +36,8 @@ fn gguf_options() -> EngineOptions {
 /// nothing).
 struct RecordingHook {
     delay: Duration,
+    /// Lookups that wait `delay`; later ones find nothing at once.
+    slow_lookups: usize,
     lookups_started: AtomicUsize,
     lookup_entered: Notify,
     /// Finished test sequences (the engine's one-token warm-up excluded): tokens and reused count.
@@ -43,8 +46,14 @@ struct RecordingHook {
 
 impl RecordingHook {
     fn new(delay: Duration) -> Arc<Self> {
+        Self::slow_first(usize::MAX, delay)
+    }
+
+    /// Only the first `slow_lookups` lookups wait `delay`.
+    fn slow_first(slow_lookups: usize, delay: Duration) -> Arc<Self> {
         Arc::new(Self {
             delay,
+            slow_lookups,
             lookups_started: AtomicUsize::new(0),
             lookup_entered: Notify::new(),
             finished: Mutex::new(Vec::new()),
@@ -81,9 +90,11 @@ impl KvHook for RecordingHook {
     }
 
     async fn load_prefix(&self, _prompt: &[u32], _cached: usize) -> Option<KvPrefix> {
-        self.lookups_started.fetch_add(1, Ordering::SeqCst);
+        let nth = self.lookups_started.fetch_add(1, Ordering::SeqCst);
         self.lookup_entered.notify_one();
-        tokio::time::sleep(self.delay).await;
+        if nth < self.slow_lookups {
+            tokio::time::sleep(self.delay).await;
+        }
         None
     }
 
@@ -116,6 +127,107 @@ async fn a_request_parked_in_a_lookup_is_answered_when_the_engine_stops() {
     assert!(
         error.to_string().contains("engine stopped"),
         "the engine answered with an error response, not a dropped channel: {error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_engine_answers_the_requests_it_holds_and_queued_ones() {
+    // Stock 0.8.1 dropped every sequence in its scheduler and every request still queued in its
+    // channel when its loop ended (`Request::Terminate`, or a panic unwinding the engine thread
+    // before a reboot): their clients saw the channel close without an answer (a lost request).
+    // `patches/mistralrs-core/0007` answers each with an error.
+    let engine = LocalEngine::start(gguf_options()).await.unwrap();
+    let doc = document(&engine, 60);
+    let prompt = question_prompt(&engine, &doc, "Who may copy this license?");
+    let sender = engine.runner().get_sender(None).unwrap();
+    // In the scheduler when the engine stops: far from its 200 tokens.
+    let (running, running_answer) = engine.request(&prompt, 200);
+    sender.send(running).await.unwrap();
+    sender.send(Request::Terminate).await.unwrap();
+    // Queued behind the terminate request on the same channel, never read by the loop (or, if
+    // the engine has already closed its channel, refused at once: nothing then to answer).
+    let mut answers = vec![running_answer];
+    for _ in 0..3 {
+        let (queued, answer) = engine.request(&prompt, 4);
+        if sender.send(queued).await.is_err() {
+            break;
+        }
+        answers.push(answer);
+    }
+    for (i, answer) in answers.into_iter().enumerate() {
+        let error = tokio::time::timeout(Duration::from_secs(60), answer.finish())
+            .await
+            .unwrap_or_else(|_| panic!("request {i}: an answer, not silence"))
+            .expect_err("nothing can complete on a stopped engine");
+        assert!(
+            error.to_string().contains("engine stopped"),
+            "request {i} got an error response, not a closed channel: {error}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_when_the_engine_dies_and_the_rebooted_engine_keeps_the_hook() {
+    // The engine thread ends under a request parked in its lookup, here by `Request::Terminate`
+    // (a panic unwinds through the same drop of the engine's state). Stock 0.8.1 then drops
+    // whatever it holds: parked lookups, requests still queued in its channel, sequences in its
+    // scheduler; their clients wait for nothing. mistral.rs reboots a dead engine on the next
+    // request, from its reboot state, which carries the hook.
+    let hook = RecordingHook::slow_first(1, Duration::from_secs(3600));
+    let engine = LocalEngine::start(gguf_options().with_kv_hook(hook.clone()))
+        .await
+        .unwrap();
+    let doc = document(&engine, 100);
+    let parked_prompt = question_prompt(&engine, &doc, "Who may copy this license?");
+    let later_prompt = question_prompt(&engine, &doc, "Can I sell copies?");
+
+    let entered = hook.lookup_entered.notified();
+    let parked = engine.submit(&parked_prompt, 8).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), entered)
+        .await
+        .expect("the lookup started");
+    let sender = engine.runner().get_sender(None).unwrap();
+    sender.send(Request::Terminate).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), parked.finish())
+        .await
+        .expect("an answer, not silence");
+    let error = answer.expect_err("the request cannot complete after the engine stopped");
+    assert!(
+        error.to_string().contains("engine stopped"),
+        "the parked request got an error response: {error}"
+    );
+
+    // Until the dead engine's thread has ended, a request reaches its closed channel and is
+    // refused at once; then the next one reboots it. None may be lost on the way.
+    let mut rebooted = None;
+    for _ in 0..600 {
+        match engine.complete(&later_prompt, 6).await {
+            Ok(answer) => {
+                rebooted = Some(answer);
+                break;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("engine stopped") && !e.contains("lost request"),
+                    "a request to a stopping engine is refused, never lost: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let rebooted = rebooted.expect("the engine rebooted and answered");
+    assert_eq!(
+        hook.lookups_started.load(Ordering::SeqCst),
+        2,
+        "the rebooted engine consulted the hook"
+    );
+    drop(engine);
+    let stock = LocalEngine::start(gguf_options()).await.unwrap();
+    assert_eq!(
+        rebooted.tokens,
+        stock.complete(&later_prompt, 6).await.unwrap().tokens,
+        "the rebooted engine answers as stock"
     );
 }
 
@@ -329,7 +441,12 @@ async fn the_mistralrs_text_model_builder_takes_a_hook_and_hits_the_store() {
 
     let hook_b = Arc::new(KvPluginHook::new(
         store.clone() as Arc<dyn PrefixStore>,
-        HookConfig::default(),
+        HookConfig {
+            // The other tests of this file run engines beside this one on the same cores: the
+            // hit must not depend on the default 10 s lookup timeout holding under that load.
+            load_timeout: Duration::from_secs(300),
+            ..HookConfig::default()
+        },
     ));
     let model_b = build(hook_b.clone()).await.expect("model B builds");
     let answer = model_b

@@ -112,6 +112,11 @@ impl LocalEngine {
         })
     }
 
+    /// The engine's runner, for what this wrapper does not offer (other request kinds).
+    pub fn runner(&self) -> &Arc<MistralRs> {
+        &self.runner
+    }
+
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
@@ -147,6 +152,21 @@ impl LocalEngine {
 
     /// Sends a greedy request and returns at once; [`PendingCompletion::finish`] reads its answer.
     pub async fn submit(&self, prompt: &[u32], max_new_tokens: usize) -> Result<PendingCompletion> {
+        let (request, pending) = self.request(prompt, max_new_tokens);
+        let sender = self
+            .runner
+            .get_sender(None)
+            .map_err(|e| Error::Engine(anyhow::anyhow!("{e}")))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| Error::Engine(anyhow::anyhow!("the engine stopped")))?;
+        Ok(pending)
+    }
+
+    /// A greedy request of at most `max_new_tokens` tokens after `prompt`, and where its answer
+    /// arrives, for a caller that sends it on a sender of its own; the clock starts now.
+    pub fn request(&self, prompt: &[u32], max_new_tokens: usize) -> (Request, PendingCompletion) {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_new_tokens);
@@ -167,16 +187,13 @@ impl LocalEngine {
             model_id: None,
             truncate_sequence: false,
         };
-        let start = Instant::now();
-        let sender = self
-            .runner
-            .get_sender(None)
-            .map_err(|e| Error::Engine(anyhow::anyhow!("{e}")))?;
-        sender
-            .send(Request::Normal(Box::new(request)))
-            .await
-            .map_err(|_| Error::Engine(anyhow::anyhow!("the engine stopped")))?;
-        Ok(PendingCompletion { rx, start })
+        (
+            Request::Normal(Box::new(request)),
+            PendingCompletion {
+                rx,
+                start: Instant::now(),
+            },
+        )
     }
 }
 
