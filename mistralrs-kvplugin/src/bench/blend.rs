@@ -24,7 +24,7 @@ use std::{
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{mean, median, percentile};
+use super::{mean, median, percentile, Say};
 use crate::{
     blend::{BlendConfig, BlendPlan, BlendPrompt, Deviation, SelectStep},
     codec::Level,
@@ -418,6 +418,7 @@ async fn eval(args: EvalBlendArgs) -> anyhow::Result<()> {
     let mut ems = vec![Vec::new(); modes.len()];
     let mut agree = vec![Vec::new(); modes.len()];
     let mut answers = Vec::new();
+    let bar = super::progress_bar((items.len() * modes.len()) as u64, "eval blend-qa");
     for (i, item) in items.iter().enumerate() {
         let prompt = item_prompt(&rig.stock, item, args.chunk_tokens)?;
         let plan = prompt.tokenize(rig.stock.tokenizer())?;
@@ -438,7 +439,7 @@ async fn eval(args: EvalBlendArgs) -> anyhow::Result<()> {
                 names[m].clone(),
                 serde_json::Value::String(answer.to_string()),
             );
-            eprintln!(
+            bar.note(format!(
                 "[{}/{}] {} {:>12}: {:6.2} s  {:?}",
                 i + 1,
                 items.len(),
@@ -446,12 +447,14 @@ async fn eval(args: EvalBlendArgs) -> anyhow::Result<()> {
                 names[m],
                 g.ttft.as_secs_f64(),
                 answer
-            );
+            ));
+            bar.inc(1);
         }
         given.insert("id".into(), item.id.clone().into());
         given.insert("tokens".into(), plan.tokens.len().into());
         answers.push(serde_json::Value::Object(given));
     }
+    bar.finish_and_clear();
     let results: Vec<ModeResult> = names
         .iter()
         .enumerate()
@@ -607,6 +610,11 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
         "blend-1.00".to_string(),
     ];
     let mut ttft = Vec::new();
+    let n_throughput = 2 * args.throughput_requests.min(plans.len());
+    let bar = super::progress_bar(
+        (ttft_modes.len() * args.requests.min(plans.len()) + n_throughput) as u64,
+        "bench blend",
+    );
     for name in &ttft_modes {
         let mode = parse_mode(name)?;
         let mut times = Vec::new();
@@ -622,11 +630,12 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
                 engine.complete(&other.tokens, 1).await?;
             }
             let g = rig.ask(&mode, plan, args.max_new_tokens).await?;
-            eprintln!(
+            bar.note(format!(
                 "{name:>16} request {}: TTFT {:.2} s",
                 i + 1,
                 g.ttft.as_secs_f64()
-            );
+            ));
+            bar.inc(1);
             times.push(g.ttft.as_secs_f64());
             if let (Mode::Blend { .. }, Some(r)) = (&mode, rig.hook.last_blend_report()) {
                 ratios.push(r.ratio);
@@ -666,6 +675,7 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
                 _ => (rig.blend.clone(), Some(rig.hook.clone())),
             };
             let max_new = args.max_new_tokens;
+            let bar = bar.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
@@ -675,6 +685,7 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
                         hook.expect_blend(plan.clone());
                     }
                     engine.complete(&plan.tokens, max_new).await?;
+                    bar.inc(1);
                 }
             }));
         }
@@ -683,7 +694,9 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
         }
         let wall = started.elapsed().as_secs_f64();
         let n = args.throughput_requests.min(plans.len());
-        eprintln!("{name:>16} throughput: {n} requests in {wall:.1} s");
+        bar.note(format!(
+            "{name:>16} throughput: {n} requests in {wall:.1} s"
+        ));
         throughput.push(ThroughputRow {
             name,
             requests: n,
@@ -692,6 +705,8 @@ async fn bench(args: BlendBenchArgs) -> anyhow::Result<()> {
             requests_per_min: n as f64 * 60.0 / wall,
         });
     }
+
+    bar.finish_and_clear();
 
     // Diagnostics on the first item: attention deviation against the ratio, K vs V, one
     // selection vs gradual; rank correlation of deviations between neighbouring layers.

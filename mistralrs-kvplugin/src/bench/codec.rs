@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use super::{
     baselines::{self, Scheme},
-    median_time,
+    median_time, Say,
 };
 use crate::{
     codec::{self, ChunkShape, EncodeOptions, Grouping, KvChunk, Level, LossySpec, QuantSpec},
@@ -187,12 +187,6 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&row)?);
         return Ok(());
     }
-    for level in Level::ALL {
-        let scheme = CodecLevel::new(level);
-        report.levels.push(evaluate(
-            &scheme, &chunks, n_values, &args, &reference, &engine_kv, prefix, eval_ids, &exact,
-        )?);
-    }
     let schemes: Vec<Box<dyn Scheme>> = vec![
         Box::new(baselines::ZstdRaw),
         Box::new(baselines::Zstd16),
@@ -200,8 +194,22 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
         Box::new(baselines::kivi_2bit()),
         Box::new(baselines::LmCacheCacheGen),
     ];
+    let bar = super::progress_bar_of(
+        (Level::ALL.len() + schemes.len()) as u64,
+        "bench codec",
+        "schemes",
+    );
+    for level in Level::ALL {
+        let scheme = CodecLevel::new(level);
+        let row = evaluate(
+            &scheme, &chunks, n_values, &args, &reference, &engine_kv, prefix, eval_ids, &exact,
+        )?;
+        bar.note(progress_line(&row));
+        bar.inc(1);
+        report.levels.push(row);
+    }
     for scheme in &schemes {
-        report.baselines.push(evaluate(
+        let row = evaluate(
             scheme.as_ref(),
             &chunks,
             n_values,
@@ -211,8 +219,12 @@ pub fn run(args: CodecBenchArgs) -> anyhow::Result<()> {
             prefix,
             eval_ids,
             &exact,
-        )?);
+        )?;
+        bar.note(progress_line(&row));
+        bar.inc(1);
+        report.baselines.push(row);
     }
+    bar.finish_and_clear();
 
     print_table(&report);
     if let Some(path) = &args.json {
@@ -386,11 +398,15 @@ fn evaluate(
         greedy_first_divergence: q.greedy_divergence.map(|(at, _)| at),
         greedy_divergence_margin: q.greedy_divergence.map(|(_, m)| m as f64),
     };
-    eprintln!(
+    Ok(row)
+}
+
+/// One line per evaluated scheme while the benchmark runs.
+fn progress_line(row: &SchemeResult) -> String {
+    format!(
         "  {:<18} {:>6.3} bits/value  ppl {:+.3}%",
         row.name, row.bits_per_value, row.ppl_delta_pct
-    );
-    Ok(row)
+    )
 }
 
 const GREEDY_TOKENS: usize = 64;

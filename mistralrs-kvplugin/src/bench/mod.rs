@@ -44,14 +44,37 @@ pub(crate) fn percentile(xs: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// A progress bar for a benchmark of `len` steps (drawn on stderr when it is a terminal, hidden
-/// otherwise); print through [`indicatif::ProgressBar::println`] while it runs.
+/// A progress bar for a benchmark of `len` requests (drawn on stderr when it is a terminal, hidden
+/// otherwise); print through [`Say::say`] while it runs.
 pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    progress_bar_of(len, what, "requests")
+}
+
+/// Printing a result line while a progress bar runs.
+pub(crate) trait Say {
+    /// Prints `line` on standard output above the bar. Unlike `ProgressBar::println`, which
+    /// prints nothing while the bar is hidden, the line also reaches a file or a pipe.
+    fn say(&self, line: impl AsRef<str>);
+    /// The same on standard error (progress notes rather than results).
+    fn note(&self, line: impl AsRef<str>);
+}
+
+impl Say for indicatif::ProgressBar {
+    fn say(&self, line: impl AsRef<str>) {
+        self.suspend(|| println!("{}", line.as_ref()));
+    }
+    fn note(&self, line: impl AsRef<str>) {
+        self.suspend(|| eprintln!("{}", line.as_ref()));
+    }
+}
+
+/// [`progress_bar`] counting `unit`s (e.g. "schemes") instead of requests.
+pub(crate) fn progress_bar_of(len: u64, what: &str, unit: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} requests, {elapsed} (eta {eta})",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{elapsed}} (eta {{eta}})"
+        ))
         .expect("a valid template")
         .progress_chars("=> "),
     );

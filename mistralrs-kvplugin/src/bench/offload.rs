@@ -31,6 +31,7 @@ use mistralrs_core::KvPrefix;
 use object_store::ObjectStore;
 use serde::Serialize;
 
+use super::Say;
 use crate::{
     cli::{QUESTION_1, QUESTION_2},
     codec::Level,
@@ -212,7 +213,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         (prompts.len() * args.reps.max(1) * (3 + targets.len())) as u64,
         "bench offload",
     );
-    bar.println("== stock engine: full prefill, then its in-memory prefix hit");
+    bar.say("== stock engine: full prefill, then its in-memory prefix hit");
     let mut stock_full = vec![Vec::new(); prompts.len()];
     let mut stock_hit = vec![Vec::new(); prompts.len()];
     let mut reference = vec![Vec::new(); prompts.len()];
@@ -225,7 +226,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
             stock_hit[c].push(hit.ttft);
             reference[c].push(hit.tokens);
         }
-        bar.println(format!(
+        bar.say(format!(
             "   {} tokens: full {:.3} s, memory hit {:.3} s",
             per_rep[0].1.len(),
             secs(median(&stock_full[c])),
@@ -234,7 +235,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
     }
     drop(stock);
 
-    bar.println("== writer engine: cold prefill, cache saved to every store at every level");
+    bar.say("== writer engine: cold prefill, cache saved to every store at every level");
     let fan_out = Arc::new(FanOut(targets.iter().map(|t| t.store.clone()).collect()));
     let writer_hook = Arc::new(KvPluginHook::new(fan_out, HookConfig::default()));
     let writer = LocalEngine::start(
@@ -265,7 +266,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
                 bytes[c][t].1 += after.1 - before[t].1;
             }
         }
-        bar.println(format!(
+        bar.say(format!(
             "   {} tokens: cold {:.3} s",
             per_rep[0].0.len(),
             secs(median(&plugin_cold[c]))
@@ -275,7 +276,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
 
     let mut hits: Vec<Vec<HitResult>> = (0..prompts.len()).map(|_| Vec::new()).collect();
     for (t, target) in targets.iter().enumerate() {
-        bar.println(format!(
+        bar.say(format!(
             "== reader engine: store hits from {} at level {}",
             target.store_url,
             target.level.name()
@@ -321,7 +322,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
             let ttft = secs(median(&ttfts));
             let memory = secs(median(&stock_hit[c]));
             let full = secs(median(&stock_full[c]));
-            bar.println(format!(
+            bar.say(format!(
                 "   {} tokens: hit {ttft:.3} s ({:.2}x memory hit, 1/{:.0} of full prefill), load {:.3} s, {}/{} answers as stock",
                 per_rep[0].1.len(),
                 ttft / memory,

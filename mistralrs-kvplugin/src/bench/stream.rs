@@ -40,7 +40,7 @@ use futures::TryStreamExt;
 use object_store::ObjectStore;
 use serde::Serialize;
 
-use super::{codec::Quality, mean, median, percentile};
+use super::{codec::Quality, mean, median, percentile, Say};
 use crate::{
     codec::Level,
     config::PluginConfig,
@@ -222,15 +222,24 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    println!("== stock engine: full prefill of every prompt, prefill model fit");
+    // Every engine request of the run: the prefill fit (2 + n), the writer (n), the calibration
+    // (n), and per trace one adaptive warm-up plus n per policy (adaptive, each level, text).
+    let n_requests = requests.len();
+    let bar = super::progress_bar(
+        (2 + 3 * n_requests + traces.len() * (1 + (levels.len() + 2) * n_requests)) as u64,
+        "bench stream",
+    );
+    bar.say("== stock engine: full prefill of every prompt, prefill model fit");
     let mut samples = Vec::new();
     for n in [args.tokens / 4, args.tokens / 2] {
         let t = stock.complete(&tokens[..n], 1).await?.ttft;
+        bar.inc(1);
         samples.push((n, t.as_secs_f64()));
     }
     let mut full_prefill = Vec::new();
     for request in &requests {
         let t = stock.complete(&request.prompt, 1).await?.ttft;
+        bar.inc(1);
         samples.push((request.prompt.len(), t.as_secs_f64()));
         full_prefill.push(t.as_secs_f64());
     }
@@ -238,7 +247,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     let prefill =
         PrefillModel::fit(&samples).ok_or_else(|| anyhow::anyhow!("no prefill samples"))?;
     let full_median = median(&full_prefill);
-    println!(
+    bar.say(format!(
         "   full prefill of {} tokens: median {full_median:.3} s; fit T(n) = {:.3e} n + {:.3e} n^2 s \
          (for [stream]: prefill_secs_per_token = {:.3e}, prefill_secs_per_token_sq = {:.3e})",
         args.tokens,
@@ -246,7 +255,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
         prefill.secs_per_token_sq,
         prefill.secs_per_token,
         prefill.secs_per_token_sq
-    );
+    ));
     let budget = Duration::from_millis(
         args.budget_ms
             .unwrap_or((full_median * 1000.0 / 4.0).round() as u64),
@@ -274,10 +283,10 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
         store_config.clone(),
     )?);
     let writer_hook = Arc::new(KvPluginHook::new(writer_store, HookConfig::default()));
-    println!(
+    bar.say(format!(
         "== writer engine: every prompt saved at {}",
         args.levels.join(", ")
-    );
+    ));
     let writer = LocalEngine::start(
         EngineOptions {
             prefix_cache: false,
@@ -288,6 +297,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     .await?;
     for request in &requests {
         writer.complete(&request.prompt, 1).await?;
+        bar.inc(1);
     }
     let fingerprint = writer_hook
         .model_fingerprint()
@@ -319,7 +329,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     }
     drop(writer);
 
-    println!("== calibration: what a hit costs the engine besides the load (unshaped store)");
+    bar.say("== calibration: what a hit costs the engine besides the load (unshaped store)");
     let calibration_hook = Arc::new(KvPluginHook::new(
         Arc::new(ObjectPrefixStore::new(
             backend.clone(),
@@ -342,6 +352,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     let mut overheads = Vec::new();
     for request in &requests {
         let ttft = calibration.complete(&request.prompt, 1).await?.ttft;
+        bar.inc(1);
         let report = calibration_hook
             .last_stream_report()
             .filter(|r| r.covered_tokens > 0)
@@ -350,11 +361,11 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
     }
     drop(calibration);
     let engine_overhead = Duration::from_secs_f64(median(&overheads));
-    println!(
+    bar.say(format!(
         "   engine overhead of a hit: median {:.3} s (for [stream]: engine_overhead_ms = {})",
         engine_overhead.as_secs_f64(),
         engine_overhead.as_millis()
-    );
+    ));
 
     // Exact caches and their quality, per request.
     let reference = LlamaEval::load(&model_dir)?;
@@ -373,11 +384,11 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
 
     let mut reports = Vec::new();
     for (path, trace) in &traces {
-        println!(
+        bar.say(format!(
             "== trace {}: budget {} ms",
             path.display(),
             budget.as_millis()
-        );
+        ));
         let shaped = Arc::new(ShapedStore::new(
             backend.clone(),
             trace.clone(),
@@ -427,6 +438,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
                 // artefact, not the loader's.
                 shaped.seek(0);
                 reader.complete(&requests[0].prompt, 1).await?;
+                bar.inc(1);
             }
             let mut ttfts = Vec::new();
             let mut per_request = Vec::new();
@@ -462,6 +474,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
                         q
                     }
                 };
+                bar.inc(1);
                 ttfts.push(ttft);
                 ppl_deltas.push(delta);
                 greedy.push(agree);
@@ -482,7 +495,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
                 greedy_agreement: mean(&greedy),
                 requests: per_request,
             };
-            println!(
+            bar.say(format!(
                 "   {:16} violations {:>4.0}%  TTFT mean {:.3} s p90 {:.3} s  ppl {:+.3}%  greedy {:.3}  [{}]",
                 result.name,
                 100.0 * result.violation_rate,
@@ -496,7 +509,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
                     .map(|r| r.chunks.as_str())
                     .collect::<Vec<_>>()
                     .join(" ")
-            );
+            ));
             results.push(result);
         }
         reports.push(TraceReport {
@@ -511,6 +524,7 @@ async fn run_async(args: StreamBenchArgs) -> anyhow::Result<()> {
         });
     }
 
+    bar.finish_and_clear();
     for report in &reports {
         print_table(report);
     }
