@@ -682,6 +682,63 @@ mod tests {
         assert_eq!(rewrite(&["data: {\"usage\":{}}"]), "data: {\"usage\":{}}");
     }
 
+    #[tokio::test]
+    async fn the_sweeper_enforces_the_store_bound_every_interval_and_counts_it() {
+        use crate::{codec::Level, store::layout::ObjectName};
+        use object_store::{memory::InMemory, path::Path};
+
+        let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let model = format!("{:032x}", 7);
+        let hash = |n: u32| format!("{n:032x}");
+        let chain = [
+            ObjectName::Chunk {
+                index: 0,
+                parent: hash(0),
+                hash: hash(1),
+                level: Level::High,
+            },
+            ObjectName::Tail {
+                index: 1,
+                parent: hash(1),
+                level: Level::Lossless,
+            },
+        ];
+        for name in &chain {
+            backend
+                .put(
+                    &Path::from(format!("kv/v2/{model}/{name}")),
+                    vec![0u8; 100].into(),
+                )
+                .await
+                .unwrap();
+        }
+        let store_admin = Arc::new(StoreAdmin {
+            backend: backend.clone(),
+            namespace: "kv".into(),
+            // A bound the store is over: everything goes once the sweeper runs.
+            policy: GcPolicy {
+                older_than: None,
+                max_bytes: Some(0),
+                grace: Duration::ZERO,
+            },
+            deleted_objects: AtomicU64::new(0),
+            deleted_bytes: AtomicU64::new(0),
+        });
+        let sweeper = tokio::spawn(sweep(store_admin.clone(), Duration::from_millis(50)));
+        let mut left = usize::MAX;
+        for _ in 0..200 {
+            left = admin::list(backend.as_ref(), "kv").await.unwrap().len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sweeper.abort();
+        assert_eq!(left, 0, "the sweeper deleted the chain");
+        assert_eq!(store_admin.deleted_objects.load(Ordering::Relaxed), 2);
+        assert_eq!(store_admin.deleted_bytes.load(Ordering::Relaxed), 200);
+    }
+
     #[test]
     fn default_model_names_come_from_the_path() {
         assert_eq!(
