@@ -43,6 +43,22 @@ find_crate_file() {
   return 0
 }
 
+# mistralrs-core's build script records `git rev-parse HEAD` (run in the crate's folder) as
+# MISTRALRS_GIT_REVISION and asks cargo to rerun when `.git/HEAD` changes. An unpacked release has
+# no `.git`: git answered with this project's own HEAD (the engine recompiled after every commit
+# here) and the missing `.git/HEAD` made cargo rerun the script, and so recompile the engine, on
+# every build. A minimal repository whose detached HEAD is the release's upstream commit (from
+# `.cargo_vcs_info.json`) makes the revision the one a stock build reports, and stable. It holds no
+# objects, so `export.sh` never mistakes it for a dev checkout. Dev checkouts keep their own `.git`.
+pin_git_revision() {
+  local dir=$1 sha
+  [[ -e "$dir/.git" ]] && return 0
+  sha="$(sed -n 's/.*"sha1": *"\([0-9a-f]\{40\}\)".*/\1/p' "$dir/.cargo_vcs_info.json" 2>/dev/null)"
+  [[ -n "$sha" ]] || sha=0000000000000000000000000000000000000000
+  mkdir -p "$dir/.git/objects" "$dir/.git/refs"
+  echo "$sha" >"$dir/.git/HEAD"
+}
+
 command -v cargo >/dev/null || fail "cargo is not on PATH (install the Rust toolchain first)"
 command -v patch >/dev/null || fail "the 'patch' program is missing (apt-get install patch)"
 command -v sha256sum >/dev/null || fail "sha256sum is missing (coreutils)"
@@ -85,6 +101,7 @@ for entry in "${crates[@]}"; do
   fi
   dest="$patched/$name"
   if [[ -f "$dest/.kvplugin-stamp" && "$(cat "$dest/.kvplugin-stamp")" == "$stamp" ]]; then
+    pin_git_revision "$dest"
     continue
   fi
 
@@ -120,6 +137,7 @@ for entry in "${crates[@]}"; do
       || fail "$(basename "$p") does not apply to the original manifest of $name $version"
   done
   echo "$stamp" >"$work/$name/.kvplugin-stamp"
+  pin_git_revision "$work/$name"
 
   rm -rf "$dest"
   mv "$work/$name" "$dest"

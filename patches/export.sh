@@ -22,7 +22,10 @@ fail() {
   echo "export.sh: $*" >&2
   exit 1
 }
-[[ -d "$crate/.git" ]] || fail "$crate is not a dev checkout (see the header)"
+# A dev checkout has commits; a plain unpack has only apply.sh's object-less `.git` (pin_git_revision).
+[[ -d "$crate/.git" && "$(git -C "$crate" rev-parse --show-toplevel 2>/dev/null)" == "$crate" ]] \
+  && git -C "$crate" rev-list --max-parents=0 HEAD >/dev/null 2>&1 \
+  || fail "$crate is not a dev checkout (see the header)"
 cd "$crate"
 [[ -z "$(git status --porcelain -- src Cargo.toml)" ]] \
   || fail "uncommitted changes in $crate: commit them into the patch they belong to first"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine patches are additive: with their features off, the patched mistralrs-core must
-# compile as the stock engine plus the three bug fixes (every kv-hooks and kv-blend line is behind
+# compile as the stock engine plus the bug fixes (every kv-hooks and kv-blend line is behind
 # its feature). Inside the workspace cargo would unify mistralrs-core's features with those the
 # plugin asks for, so the check runs on a helper package of its own (patches/check) whose lock
 # file starts as a copy of the workspace's (same versions). It shares the workspace's target
