@@ -22,8 +22,9 @@ fail() {
   echo "export.sh: $*" >&2
   exit 1
 }
-# A dev checkout has commits; a plain unpack has only apply.sh's object-less `.git` (pin_git_revision).
-[[ -d "$crate/.git" && "$(git -C "$crate" rev-parse --show-toplevel 2>/dev/null)" == "$crate" ]] \
+# A dev checkout is a repository of its own (git must not find this project's, above it) with
+# commits; a plain unpack has only apply.sh's object-less `.git` (pin_git_revision).
+[[ "$(git -C "$crate" rev-parse --git-dir 2>/dev/null)" == ".git" ]] \
   && git -C "$crate" rev-list --max-parents=0 HEAD >/dev/null 2>&1 \
   || fail "$crate is not a dev checkout (see the header)"
 cd "$crate"
