@@ -150,6 +150,29 @@ pub async fn behaviour_suite(
     let hit = store.load(&m, &early, 0).await.unwrap().expect("hit");
     assert_eq!(hit.tokens.len(), CHUNK);
 
+    // Into buffers of the engine's capacity: the prefix in the first rows and zeros after it; a
+    // hit that ends early (here inside the second chunk) gets the capacity of what it covers.
+    let capacity = |n: usize| n.div_ceil(96) * 96;
+    let hit = store
+        .load_with_capacity(&m, &prompt, 0, &capacity)
+        .await
+        .unwrap()
+        .expect("hit");
+    assert_eq!(hit.tokens, saved_tokens);
+    assert_eq!(hit.layers[0].k.dims(), &[1, HEADS, 288, DIM]);
+    assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+    for layer in &hit.layers {
+        assert_eq!(max_abs(&layer.v.narrow(2, 200, 88).unwrap()), 0.0);
+    }
+    let hit = store
+        .load_with_capacity(&m, &early, 0, &capacity)
+        .await
+        .unwrap()
+        .expect("hit");
+    assert_eq!(hit.tokens.len(), CHUNK);
+    assert_eq!(hit.layers[0].k.dims(), &[1, HEADS, capacity(CHUNK), DIM]);
+    assert_eq!(max_diff(&hit, &saved, CHUNK), 0.0);
+
     // Not longer than what the caller already has: nothing.
     assert!(store.load(&m, &prompt, 200).await.unwrap().is_none());
     // Another model: nothing.

@@ -35,21 +35,21 @@ use std::sync::{
 
 use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
-use futures::{stream, StreamExt, TryStreamExt};
+use futures::{stream, StreamExt};
 use mistralrs_core::{KvPrefix, LayerKv};
 use object_store::{
     path::Path, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload,
 };
-use rayon::prelude::*;
 
 use super::layout::{short_hash, ObjectName, LAYOUT_VERSION};
 
 use super::{
-    common_prefix_len, validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError,
-    StreamedLoad,
+    common_prefix_len,
+    streaming::{decode_parts_into, into_prefix, join_decode, DecodeBuffers, DecodePart},
+    validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError, StreamedLoad,
 };
 use crate::{
-    codec::{self, ChunkShape, Dest, EncodeOptions, KvChunk, KvDType, Level, ParsedChunk},
+    codec::{self, ChunkShape, EncodeOptions, KvChunk, KvDType, Level, ParsedChunk},
     fingerprint::ModelFingerprint,
     stream::StreamPolicy,
 };
@@ -449,6 +449,12 @@ impl ObjectPrefixStore {
     }
 
     /// [`ObjectPrefixStore::load_at`] into tensors of `capacity(n)` rows.
+    ///
+    /// The run of full chunks is fetched in order, `fetch_concurrency` at a time, and each chunk
+    /// decodes on the blocking pool as soon as it and the chunks before it have arrived, while
+    /// later ones are still in flight; the tail of a full run is fetched alongside the chunks.
+    /// Every tensor is allocated once, for the engine's capacity at the longest hit the prompt
+    /// allows, and each value is written once; a hit that ends early copies its rows out once.
     async fn load_rows(
         &self,
         model: &ModelFingerprint,
@@ -459,131 +465,129 @@ impl ObjectPrefixStore {
     ) -> Result<Option<KvPrefix>, StoreError> {
         let c = self.config.chunk_tokens;
         let usable = prompt.len().saturating_sub(1);
-        let max_full = usable / c;
-        let hashes = self.chain(model, prompt, max_full);
-        // Fetch the run of full chunks in order, a few at a time, up to the first miss.
-        let fetched: Vec<Option<bytes::Bytes>> = stream::iter(0..max_full)
-            .map(|i| {
-                let path = self.chunk_path(model, i, &hashes[i], &hashes[i + 1], level);
-                async move { self.get(&path).await }
-            })
-            .buffered(self.config.fetch_concurrency)
-            .take_while(|r| std::future::ready(!matches!(r, Ok(None))))
-            .try_collect()
-            .await?;
-        let n_full = fetched.len();
-        let mut parts: Vec<(bytes::Bytes, usize)> =
-            fetched.into_iter().flatten().map(|b| (b, c)).collect();
-        let mut covered = n_full * c;
-        if covered < usable {
-            if let Some(bytes) = self
-                .get(&self.tail_path(model, n_full, &hashes[n_full]))
-                .await?
-            {
-                let (tokens, _) = parse_envelope(&bytes)?;
-                let shared = common_prefix_len(&tokens, &prompt[covered..usable]);
-                if shared > 0 {
-                    parts.push((bytes, shared));
-                    covered += shared;
-                }
-            }
-        }
-        if covered <= min_tokens {
+        if usable <= min_tokens {
             return Ok(None);
         }
+        let max_full = usable / c;
+        let hashes = self.chain(model, prompt, max_full);
+        let n_alloc = capacity(usable).max(usable);
         let model = *model;
-        let expected: Vec<Vec<u32>> = {
-            let mut at = 0;
-            parts
-                .iter()
-                .map(|(_, take)| {
-                    let t = prompt[at..at + take].to_vec();
-                    at += take;
-                    t
-                })
-                .collect()
-        };
-        let prompt_prefix = prompt[..covered].to_vec();
-        let rows = capacity(covered).max(covered);
-        tokio::task::spawn_blocking(move || {
-            decode_parts(&parts, &expected, &model, prompt_prefix, rows)
-        })
-        .await
-        .map_err(|e| StoreError::backend(format!("decode task: {e}")))?
-        .map(Some)
-    }
-}
 
-/// Decodes objects, checks their tokens, and joins them into one prefix.
-///
-/// Each tensor of the prefix (one layer's K or V) is allocated once, for `rows >= tokens.len()`
-/// rows (the engine's capacity, so that it takes the tensor as its cache), and every chunk decodes
-/// its slice straight into it, tensors in parallel: no per-chunk buffers, no concatenation, one
-/// write per value.
-fn decode_parts(
-    parts: &[(bytes::Bytes, usize)],
-    expected: &[Vec<u32>],
-    model: &ModelFingerprint,
-    tokens: Vec<u32>,
-    rows: usize,
-) -> Result<KvPrefix, StoreError> {
-    let chunks = parts
-        .par_iter()
-        .zip(expected)
-        .map(|((bytes, take), want)| {
-            let (object_tokens, chunk) = parse_object(bytes, model)?;
-            if object_tokens.len() < *take || object_tokens[..*take] != want[..] {
-                return Err(StoreError::Corrupt {
-                    reason: "object's tokens differ from the prompt's".into(),
-                });
+        // The tail after the longest possible run: a full hit needs it, so it is fetched
+        // alongside the chunks instead of after them (one round trip less); a run that ends
+        // earlier fetches its own tail afterwards and ignores this one.
+        let full_run_tail = async {
+            if max_full * c < usable {
+                self.get(&self.tail_path(&model, max_full, &hashes[max_full]))
+                    .await
+            } else {
+                Ok(None)
             }
-            Ok((chunk, *take))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let Some((first, _)) = chunks.first() else {
-        return Err(StoreError::InvalidPrefix {
-            reason: "no chunks to decode".into(),
-        });
-    };
-    let (shape, dtype) = (first.header().shape, first.header().dtype);
-    if chunks.iter().any(|(c, _)| {
-        let s = c.header().shape;
-        (s.n_layers, s.n_kv_heads, s.head_dim, c.header().dtype)
-            != (shape.n_layers, shape.n_kv_heads, shape.head_dim, dtype)
-    }) {
-        return Err(StoreError::Corrupt {
-            reason: "objects disagree on the model's shape or dtype".into(),
-        });
+        };
+        // Fetched chunks, in order, up to the first missing one. The channel's bound keeps at
+        // most `fetch_concurrency` fetched objects waiting for the decoder.
+        let concurrency = self.config.fetch_concurrency.max(1);
+        let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(concurrency);
+        let chain = &hashes;
+        // Moves the sender in, so that the decoder's channel closes when the run ends.
+        let fetch_run = async move {
+            let mut chunks = stream::iter(0..max_full)
+                .map(|i| {
+                    let path = self.chunk_path(&model, i, &chain[i], &chain[i + 1], level);
+                    async move { self.get(&path).await }
+                })
+                .buffered(concurrency);
+            while let Some(fetched) = chunks.next().await {
+                match fetched? {
+                    // The decoder stopped (a corrupt chunk): nothing more is wanted.
+                    Some(bytes) => {
+                        if fetched_tx.send(bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            Ok::<(), StoreError>(())
+        };
+        // Decodes what has arrived, in batches: everything waiting when the previous batch is
+        // done (on a local disk the whole run after the first chunk; on a slow link one or two
+        // chunks at a time), so decoding overlaps the fetches without a fork-join per chunk.
+        let decode_run = async {
+            let mut buffers: Option<DecodeBuffers> = None;
+            let mut covered = 0;
+            while let Some(first) = fetched_rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(next) = fetched_rx.try_recv() {
+                    batch.push(next);
+                }
+                let mut parts = Vec::with_capacity(batch.len());
+                for bytes in batch {
+                    let offset = covered + parts.len() * c;
+                    let (tokens, _) = parse_envelope(&bytes)?;
+                    if tokens[..] != prompt[offset..offset + c] {
+                        return Err(StoreError::Corrupt {
+                            reason: "object's tokens differ from the prompt's".into(),
+                        });
+                    }
+                    parts.push(DecodePart {
+                        bytes,
+                        offset,
+                        take: c,
+                    });
+                }
+                let (held, n_parts) = (buffers.take(), parts.len());
+                let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
+                    decode_parts_into(held, &parts, &model, n_alloc)
+                }))
+                .await;
+                buffers = returned;
+                decoded?;
+                covered += n_parts * c;
+            }
+            Ok::<_, StoreError>((buffers, covered))
+        };
+        let (fetched, decoded, full_run_tail) =
+            futures::join!(fetch_run, decode_run, full_run_tail);
+        let (mut buffers, mut covered) = decoded?;
+        fetched?;
+
+        let n_full = covered / c;
+        let tail = if n_full == max_full {
+            full_run_tail?
+        } else {
+            self.get(&self.tail_path(&model, n_full, &hashes[n_full]))
+                .await?
+        };
+        if let Some(bytes) = tail {
+            let (tokens, _) = parse_envelope(&bytes)?;
+            let take = common_prefix_len(&tokens, &prompt[covered..usable]);
+            if take > 0 {
+                let (held, offset) = (buffers.take(), covered);
+                let part = DecodePart {
+                    bytes,
+                    offset,
+                    take,
+                };
+                let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
+                    decode_parts_into(held, &[part], &model, n_alloc)
+                }))
+                .await;
+                buffers = returned;
+                decoded?;
+                covered += take;
+            }
+        }
+        let Some(buffers) = buffers.filter(|_| covered > min_tokens) else {
+            return Ok(None);
+        };
+        let tokens = prompt[..covered].to_vec();
+        let rows = capacity(covered).max(covered);
+        tokio::task::spawn_blocking(move || into_prefix(buffers, tokens, rows))
+            .await
+            .map_err(|e| StoreError::backend(format!("install task: {e}")))?
+            .map(Some)
     }
-    let n = tokens.len();
-    let per_tensor = shape.n_kv_heads * rows * shape.head_dim;
-    let tensors = (0..shape.n_tensors())
-        .into_par_iter()
-        .map(|t| -> Result<Tensor, StoreError> {
-            let mut data = vec![0f32; per_tensor];
-            let mut at = 0;
-            for (chunk, take) in &chunks {
-                chunk.decode_tensor_into(
-                    t,
-                    &mut Dest {
-                        data: &mut data,
-                        tokens: rows,
-                        token_offset: at,
-                        take: *take,
-                    },
-                )?;
-                at += take;
-            }
-            debug_assert_eq!(at, n);
-            let tensor = Tensor::from_vec(
-                data,
-                (1, shape.n_kv_heads, rows, shape.head_dim),
-                &Device::Cpu,
-            )?;
-            Ok(tensor.to_dtype(candle_dtype(dtype))?)
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(prefix_of(tokens, tensors))
 }
 
 /// The prefix whose tensors are, in order, layer 0's K and V, layer 1's K and V, ...

@@ -64,7 +64,7 @@ struct Found {
 }
 
 /// Every tensor of the prefix being loaded, allocated for `n_alloc` tokens.
-struct DecodeBuffers {
+pub(super) struct DecodeBuffers {
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -75,7 +75,8 @@ struct DecodeBuffers {
 
 /// A chunk being decoded on the blocking pool: the buffers come back whatever happens, so that
 /// the chunks before a corrupt one are still used.
-type DecodeTask = tokio::task::JoinHandle<(Option<DecodeBuffers>, Result<Duration, StoreError>)>;
+pub(super) type DecodeTask =
+    tokio::task::JoinHandle<(Option<DecodeBuffers>, Result<Duration, StoreError>)>;
 
 struct Pending {
     task: DecodeTask,
@@ -272,7 +273,7 @@ impl ObjectPrefixStore {
             let (offset, held, n_bytes) = (offer.start, buffers.take(), bytes.len() as u64);
             pending = Some(Pending {
                 task: tokio::task::spawn_blocking(move || {
-                    decode_into(held, &bytes, &model, offset, take, n_alloc)
+                    decode_into(held, bytes, &model, offset, take, n_alloc)
                 }),
                 decision: report.chunks.len() - 1,
                 end: offset + take,
@@ -409,7 +410,9 @@ fn failure_outcome(e: &StoreError) -> ChunkOutcome {
     failed(e.kind(), e.to_string())
 }
 
-async fn join_decode(task: DecodeTask) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+pub(super) async fn join_decode(
+    task: DecodeTask,
+) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
     match task.await {
         Ok(done) => done,
         Err(e) => (None, Err(StoreError::backend(format!("decode task: {e}")))),
@@ -437,22 +440,59 @@ fn tokens_to_use(
     Ok(offer.tokens)
 }
 
+/// One object to decode: its first `take` tokens go to rows `offset..offset + take`.
+pub(super) struct DecodePart {
+    pub(super) bytes: Bytes,
+    pub(super) offset: usize,
+    pub(super) take: usize,
+}
+
 /// Decodes the first `take` tokens of an object into `buffers` at `token_offset` (allocating
 /// them, for `n_alloc` tokens, on the first chunk). Returns the decode time.
 fn decode_into(
     buffers: Option<DecodeBuffers>,
-    bytes: &Bytes,
+    bytes: Bytes,
     model: &ModelFingerprint,
     token_offset: usize,
     take: usize,
     n_alloc: usize,
 ) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+    decode_parts_into(
+        buffers,
+        &[DecodePart {
+            bytes,
+            offset: token_offset,
+            take,
+        }],
+        model,
+        n_alloc,
+    )
+}
+
+/// Decodes `parts` into `buffers` (allocating them, for `n_alloc` tokens, on the first part),
+/// every tensor in parallel and each tensor's parts in order: one pass over the buffers however
+/// many parts, so a batch of parts costs one fork-join, not one per part. Returns the decode
+/// time. On an error the buffers come back with the parts before the failing one decoded in
+/// some tensors only: the caller uses none of the batch.
+pub(super) fn decode_parts_into(
+    buffers: Option<DecodeBuffers>,
+    parts: &[DecodePart],
+    model: &ModelFingerprint,
+    n_alloc: usize,
+) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
     let started = Instant::now();
-    let chunk = match parse_object(bytes, model) {
-        Ok((_, chunk)) => chunk,
+    let chunks = match parts
+        .iter()
+        .map(|p| parse_object(&p.bytes, model).map(|(_, chunk)| chunk))
+        .collect::<Result<Vec<_>, StoreError>>()
+    {
+        Ok(chunks) => chunks,
         Err(e) => return (buffers, Err(e)),
     };
-    let (shape, dtype) = (chunk.header().shape, chunk.header().dtype);
+    let Some(first) = chunks.first() else {
+        return (buffers, Ok(started.elapsed()));
+    };
+    let (shape, dtype) = (first.header().shape, first.header().dtype);
     let mut buffers = buffers.unwrap_or_else(|| DecodeBuffers {
         n_layers: shape.n_layers,
         n_kv_heads: shape.n_kv_heads,
@@ -460,17 +500,20 @@ fn decode_into(
         dtype,
         n_alloc,
         data: (0..shape.n_tensors())
-            .map(|_| vec![0f32; shape.n_kv_heads * n_alloc * shape.head_dim])
+            .map(|_| zeroed_buffer(shape.n_kv_heads * n_alloc * shape.head_dim))
             .collect(),
     });
-    if (shape.n_layers, shape.n_kv_heads, shape.head_dim, dtype)
-        != (
-            buffers.n_layers,
-            buffers.n_kv_heads,
-            buffers.head_dim,
-            buffers.dtype,
-        )
-    {
+    let agree = chunks.iter().all(|c| {
+        let s = c.header().shape;
+        (s.n_layers, s.n_kv_heads, s.head_dim, c.header().dtype)
+            == (
+                buffers.n_layers,
+                buffers.n_kv_heads,
+                buffers.head_dim,
+                buffers.dtype,
+            )
+    });
+    if !agree {
         return (
             Some(buffers),
             Err(StoreError::Corrupt {
@@ -484,33 +527,74 @@ fn decode_into(
         .par_iter_mut()
         .enumerate()
         .try_for_each(|(t, data)| {
-            chunk.decode_tensor_into(
-                t,
-                &mut Dest {
-                    data,
-                    tokens: n,
-                    token_offset,
-                    take,
-                },
-            )
+            chunks.iter().zip(parts).try_for_each(|(chunk, part)| {
+                chunk.decode_tensor_into(
+                    t,
+                    &mut Dest {
+                        data,
+                        tokens: n,
+                        token_offset: part.offset,
+                        take: part.take,
+                    },
+                )
+            })
         });
     let result = result.map(|()| started.elapsed()).map_err(StoreError::from);
     (Some(buffers), result)
 }
 
-/// The first `tokens.len()` tokens of the buffers as a prefix in the chunks' dtype: the whole
-/// buffers when they have `rows` rows, else just those tokens' rows (a copy).
-fn into_prefix(
+/// A zeroed buffer of `len` values for a loaded cache, backed by transparent huge pages where
+/// the kernel offers them on request (Linux's `madvise` mode): a 6,000-token SmolLM2 cache is
+/// 280 MB, which 4 KiB pages fault in 68,000 times (measured: a fifth of a disk load's time,
+/// `benches/store.rs` under perf). The allocation is untouched when advised (a large zeroed
+/// allocation is fresh mapped memory), so the decode's first writes fault in huge pages.
+fn zeroed_buffer(len: usize) -> Vec<f32> {
+    let buffer = vec![0f32; len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = buffer.as_ptr() as usize;
+        let end = start + len * std::mem::size_of::<f32>();
+        let (first, last) = (
+            start.next_multiple_of(HUGE_PAGE),
+            end / HUGE_PAGE * HUGE_PAGE,
+        );
+        if last > first {
+            // SAFETY: the range lies inside the buffer's allocation, which stays mapped for the
+            // buffer's life; MADV_HUGEPAGE changes only how its pages are backed, never their
+            // contents. A failure (no THP support) leaves ordinary pages, so it is ignored.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    buffer
+}
+
+/// The first `tokens.len()` tokens of the buffers as a prefix of `rows` rows (the engine's
+/// capacity for them, or exactly their count) in the chunks' dtype: the whole buffers when they
+/// have `rows` rows, else their first `rows` rows (one copy; the rows past the tokens are the
+/// buffers' zeros).
+pub(super) fn into_prefix(
     buffers: DecodeBuffers,
     tokens: Vec<u32>,
     rows: usize,
 ) -> Result<KvPrefix, StoreError> {
     let (heads, n_alloc, dim) = (buffers.n_kv_heads, buffers.n_alloc, buffers.head_dim);
-    let n = if rows == n_alloc {
-        n_alloc
-    } else {
-        tokens.len()
-    };
+    if rows < tokens.len() || rows > n_alloc {
+        return Err(StoreError::InvalidPrefix {
+            reason: format!(
+                "{rows} rows asked for {} tokens in buffers of {n_alloc}",
+                tokens.len()
+            ),
+        });
+    }
+    let n = rows;
     let dtype = candle_dtype(buffers.dtype);
     let tensors = buffers
         .data
