@@ -12,6 +12,9 @@
 //!   characters; each request puts three passages (drawn per request) in the system message,
 //!   then a question. Servers with the plugin get the passages between blend separators
 //!   (`[[KVBLEND]]`), so they blend; stock servers get the same text without separators.
+//!   By default every passage is first sent once, alone, untimed, to every server (the
+//!   documents a RAG deployment ingests before questions arrive: CacheBlend and LMCache assume
+//!   document caches computed ahead); `--rag-warmup false` times the cold start too.
 //! - `share`: two servers on one store (the first two `--url`s). Per repetition, a fresh
 //!   `--share-doc-chars` document: server 1 answers question 1 (cold, then saved), then
 //!   question 2 (its own in-memory prefix hit); once its save is in the store (seen in its
@@ -62,6 +65,12 @@ pub struct ServeBenchArgs {
     /// Characters per passage.
     #[arg(long, default_value_t = 1200)]
     rag_doc_chars: usize,
+    /// Before `rag`'s timed requests, send each passage of the pool once, alone with a question,
+    /// to every server (one at a time, not timed): the documents a RAG deployment ingests before
+    /// it is asked about them. `--rag-warmup false` times the cold start as well (each passage's
+    /// first use then computes its cache inside a timed request).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    rag_warmup: bool,
     /// Characters of the `share` document (13,000: about 3,000 tokens).
     #[arg(long, default_value_t = 13_000)]
     share_doc_chars: usize,
@@ -116,6 +125,8 @@ struct WorkloadResult {
     requests_per_min: f64,
     cached_tokens_mean: Option<f64>,
     wall_s: f64,
+    /// `rag` only: seconds of the untimed warm-up (`None`: no warm-up, the cold start is timed).
+    warmup_s: Option<f64>,
 }
 
 /// `share`'s repetitions.
@@ -278,16 +289,9 @@ impl Draws {
     }
 }
 
-/// The messages of every `rag` request of one client, in order: three passages of the pool
-/// (between blend separators for a plugin server), then a question.
-fn rag_requests(
-    args: &ServeBenchArgs,
-    text: &str,
-    tag: &str,
-    plugin: bool,
-    client: usize,
-) -> Vec<Value> {
-    let pool: Vec<String> = (0..args.rag_docs)
+/// The `rag` pool: `--rag-docs` passages of `--rag-doc-chars` characters, each behind its tag.
+fn rag_pool(args: &ServeBenchArgs, text: &str, tag: &str) -> Vec<String> {
+    (0..args.rag_docs)
         .map(|d| {
             passage(
                 text,
@@ -296,23 +300,45 @@ fn rag_requests(
                 &format!("{tag} passage {d}"),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// A `rag` request: the passages in the system message (between blend separators for a plugin
+/// server, the same text without them for a stock one), then the question.
+fn rag_messages(passages: &[&String], plugin: bool, question: &str) -> Value {
+    let sep = if plugin { DEFAULT_SEPARATOR } else { "" };
+    let mut system = String::from("Answer the question from these passages.\n\n");
+    for passage in passages {
+        system.push_str(sep);
+        system.push_str(passage);
+        system.push_str("\n\n");
+    }
+    system.push_str(sep);
+    json!([
+        {"role": "system", "content": system},
+        {"role": "user", "content": question}
+    ])
+}
+
+/// The messages of every `rag` request of one client, in order: three passages of the pool,
+/// then a question.
+fn rag_requests(
+    args: &ServeBenchArgs,
+    text: &str,
+    tag: &str,
+    plugin: bool,
+    client: usize,
+) -> Vec<Value> {
+    let pool = rag_pool(args, text, tag);
     let mut draws = Draws(args.seed ^ (client as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
     (0..args.rag_requests)
         .map(|r| {
-            let picked = draws.pick(pool.len(), 3);
-            let sep = if plugin { DEFAULT_SEPARATOR } else { "" };
-            let mut system = String::from("Answer the question from these passages.\n\n");
-            for &d in &picked {
-                system.push_str(sep);
-                system.push_str(&pool[d]);
-                system.push_str("\n\n");
-            }
-            system.push_str(sep);
-            json!([
-                {"role": "system", "content": system},
-                {"role": "user", "content": QUESTIONS[(client + r) % QUESTIONS.len()]}
-            ])
+            let picked: Vec<&String> = draws
+                .pick(pool.len(), 3)
+                .into_iter()
+                .map(|d| &pool[d])
+                .collect();
+            rag_messages(&picked, plugin, QUESTIONS[(client + r) % QUESTIONS.len()])
         })
         .collect()
 }
@@ -330,6 +356,11 @@ async fn run_clients(
         args.rounds
     } else {
         args.rag_requests
+    };
+    let warmup_s = if workload == "rag" && args.rag_warmup {
+        Some(rag_warmup(http, url, plugin, args, text, &format!("run {tag}")).await)
+    } else {
+        None
     };
     let bar = super::progress_bar(
         (args.clients * per_client) as u64,
@@ -404,7 +435,33 @@ async fn run_clients(
         requests_per_min: timed.len() as f64 * 60.0 / wall_s.max(1e-9),
         cached_tokens_mean: (!cached.is_empty()).then(|| super::mean(&cached)),
         wall_s,
+        warmup_s,
     }
+}
+
+/// `rag`'s warm-up (see `--rag-warmup`): every passage of the pool once, alone, then a
+/// question, one request at a time. Failures here are not counted; the timed run reports its own.
+/// Returns the seconds it took.
+async fn rag_warmup(
+    http: &reqwest::Client,
+    url: &str,
+    plugin: bool,
+    args: &ServeBenchArgs,
+    text: &str,
+    tag: &str,
+) -> f64 {
+    let started = Instant::now();
+    let pool = rag_pool(args, text, tag);
+    let bar = super::progress_bar(pool.len() as u64, &format!("rag warm-up {url}"));
+    for (d, passage) in pool.iter().enumerate() {
+        let messages = rag_messages(&[passage], plugin, QUESTIONS[d % QUESTIONS.len()]);
+        if let Err(e) = chat(http, url, &messages, args.max_tokens).await {
+            tracing::warn!(error = %e, "bench serve: a warm-up request failed");
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    started.elapsed().as_secs_f64()
 }
 
 enum ClientWork {
