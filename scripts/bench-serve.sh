@@ -4,6 +4,7 @@
 #
 #   scripts/bench-serve.sh [OUT_DIR] [extra `bench serve` arguments for chat and rag]
 #
+# WORKLOADS=rag (or chat) runs only that one side by side; SHARE=0 skips the share workload.
 # Writes OUT_DIR/serve-chat-rag.json and OUT_DIR/serve-share.json (default OUT_DIR:
 # .kvplugin/bench-serve), and each server's log next to them.
 set -euo pipefail
@@ -41,7 +42,10 @@ start() { # name port args...
 start plugin-1 18001 --config "$out/kvplugin.toml"
 start plugin-2 18002 --config "$out/kvplugin.toml"
 start stock 18003 --no-plugin
+workloads="${WORKLOADS:-chat,rag}"
 "$bin" bench serve --url http://127.0.0.1:18001 --url http://127.0.0.1:18003 \
-  --workload chat,rag --json "$out/serve-chat-rag.json" "$@"
-"$bin" bench serve --url http://127.0.0.1:18001 --url http://127.0.0.1:18002 \
-  --workload share --json "$out/serve-share.json"
+  --workload "$workloads" --json "$out/serve-${workloads//,/-}.json" "$@"
+if [[ "${SHARE:-1}" != 0 ]]; then
+  "$bin" bench serve --url http://127.0.0.1:18001 --url http://127.0.0.1:18002 \
+    --workload share --json "$out/serve-share.json"
+fi

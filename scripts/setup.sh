@@ -82,15 +82,16 @@ if $with_tests; then
     echo "setup: installing s3s-fs 0.14.1 (an S3 server for the tests)" >&2
     cargo install s3s-fs --version 0.14.1 --features binary --locked \
       --root "$tools" --target-dir "$tools/build"
-    rm -rf "$tools/build"
   fi
   step="installing Garage 2.5.0 (cargo install; ~6 min)"
   if [[ ! -x "$tools/bin/garage" ]]; then
     echo "setup: installing Garage 2.5.0 (a distributed S3 store for the tests; ~6 min)" >&2
     cargo install garage --version 2.5.0 --no-default-features --features bundled-libs,sqlite \
       --locked --root "$tools" --target-dir "$tools/build"
-    rm -rf "$tools/build"
   fi
+  # One build folder for both servers: Garage reuses the dependencies s3s-fs compiled where
+  # their lock files agree (tokio, hyper, the AWS signing crates, ...); removed once both exist.
+  rm -rf "$tools/build"
   # The official OpenAI client, pinned, in a virtual environment of its own: the real client the
   # server tests talk to `kvplugin serve` with.
   step="installing the openai Python client (openai==$OPENAI_VERSION, a virtual environment)"
