@@ -456,8 +456,11 @@ async fn the_mistralrs_text_model_builder_takes_a_hook_and_hits_the_store() {
     assert!(!answer.choices.is_empty());
     let b = wait_for(&hook_b, 1, 0).await;
     assert_eq!(b.hits, 1, "model B hit the store: {b:?}");
+    // Summed over the sequences model B scheduled, not the last one's: `mistralrs`'s builder
+    // may schedule a one-token sequence of its own after the request (seen in CI as
+    // `last_prompt_tokens: 1` beside a 314-token hit).
     assert!(
-        b.last_reused_tokens > 300,
+        b.scheduled_reused_tokens > 300,
         "model B reused the document's cache: {b:?}"
     );
 }
