@@ -199,3 +199,68 @@ async fn chunks_written_at_several_levels_are_read_at_any_of_them() {
     let hit = coarse.load(&m, &prompt, 0).await.unwrap().expect("hit");
     assert_eq!(max_diff(&hit, &saved, full * CHUNK), errors[2]);
 }
+
+/// A whole load of a long run whose first chunk is damaged ends with an error: the decoder stops
+/// at chunk 0 while more chunks are fetched than the fetch queue holds, and the fetcher must stop
+/// with it instead of waiting forever to hand over the rest. Before the decoder owned its end of
+/// the queue, this load hung. A load that could not beat what the caller has (`min_tokens`)
+/// decodes nothing, so the same damage is then no error but a plain miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_first_chunk_of_a_long_run_is_an_error_not_a_hang() {
+    use futures::TryStreamExt;
+    use integration_tests::store_suite::CHUNK;
+    use mistralrs_kvplugin::store::StoreError;
+    use object_store::path::Path;
+
+    let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = store_over(backend.clone(), Level::Lossless);
+    let m = model(1);
+    // More chunks than the eight fetches in flight and the eight queued for the decoder.
+    let n_chunks = 20;
+    let saved_tokens = tokens(n_chunks * CHUNK, 0);
+    store
+        .save(&m, prefix(&saved_tokens, 0.0))
+        .await
+        .expect("saved");
+    let first: Path = backend
+        .list(None)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.location)
+        .find(|p| p.as_ref().contains("/c-0-"))
+        .expect("chunk 0");
+    let mut bytes = backend
+        .get(&first)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    backend.put(&first, bytes.into()).await.unwrap();
+
+    let mut prompt = saved_tokens.clone();
+    prompt.extend([5, 6, 7]);
+    let load = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        store.load(&m, &prompt, 0),
+    )
+    .await
+    .expect("the load ends");
+    assert!(
+        matches!(
+            load,
+            Err(StoreError::Codec(_)) | Err(StoreError::Corrupt { .. })
+        ),
+        "damaged chunk 0 gave {load:?}"
+    );
+    let not_longer = store.load(&m, &prompt, saved_tokens.len()).await;
+    assert!(
+        matches!(not_longer, Ok(None)),
+        "a run no longer than min_tokens is a miss: {not_longer:?}"
+    );
+}

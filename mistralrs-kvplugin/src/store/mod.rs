@@ -130,7 +130,9 @@ pub enum SaveOutcome {
 
 /// Rows to allocate for a loaded prefix of `n` tokens: the engine's cache capacity for `n`
 /// (`KvModelInfo::cache_capacity`). A store that decodes into buffers of that many rows hands the
-/// engine tensors it takes as its cache without a copy; the rows past `n` stay unused.
+/// engine tensors it takes as its cache without a copy; the rows past `n` stay unused. It must
+/// not decrease as `n` grows (stores size their buffers for the longest hit a prompt allows and
+/// hand a shorter hit the first `capacity(n)` rows).
 pub type RowCapacity = dyn Fn(usize) -> usize + Send + Sync;
 
 /// A place to keep prefix KV caches.

@@ -499,7 +499,8 @@ impl ObjectPrefixStore {
                 .buffered(concurrency);
             while let Some(fetched) = chunks.next().await {
                 match fetched? {
-                    // The decoder stopped (a corrupt chunk): nothing more is wanted.
+                    // A failed send: the decoder stopped (a corrupt chunk) and dropped its
+                    // receiver; nothing more is wanted.
                     Some(bytes) => {
                         if fetched_tx.send(bytes).await.is_err() {
                             break;
@@ -513,45 +514,46 @@ impl ObjectPrefixStore {
         // Decodes what has arrived, in batches: everything waiting when the previous batch is
         // done (on a local disk the whole run after the first chunk; on a slow link one or two
         // chunks at a time), so decoding overlaps the fetches without a fork-join per chunk.
-        let decode_run = async {
+        // Chunks stay undecoded while the run is not longer than `min_tokens` (what the caller
+        // already has costs fetches only). It owns the receiver: when it stops early (a corrupt
+        // chunk) the channel closes, the fetcher's next send fails and it stops too.
+        let decode_run = async move {
             let mut buffers: Option<DecodeBuffers> = None;
-            let mut covered = 0;
+            let mut decoded = 0;
+            let mut waiting: Vec<DecodePart> = Vec::new();
             while let Some(first) = fetched_rx.recv().await {
                 let mut batch = vec![first];
                 while let Ok(next) = fetched_rx.try_recv() {
                     batch.push(next);
                 }
-                let mut parts = Vec::with_capacity(batch.len());
                 for bytes in batch {
-                    let offset = covered + parts.len() * c;
+                    let offset = decoded + waiting.len() * c;
                     let (tokens, _) = parse_envelope(&bytes)?;
                     if tokens[..] != prompt[offset..offset + c] {
                         return Err(StoreError::Corrupt {
                             reason: "object's tokens differ from the prompt's".into(),
                         });
                     }
-                    parts.push(DecodePart {
+                    waiting.push(DecodePart {
                         bytes,
                         offset,
                         take: c,
                     });
                 }
-                let (held, n_parts) = (buffers.take(), parts.len());
-                let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
-                    decode_parts_into(held, &parts, &model, n_alloc)
-                }))
-                .await;
-                buffers = returned;
-                decoded?;
-                covered += n_parts * c;
+                if decoded + waiting.len() * c > min_tokens {
+                    decoded += waiting.len() * c;
+                    decode_batch(&mut buffers, std::mem::take(&mut waiting), model, n_alloc)
+                        .await?;
+                }
             }
-            Ok::<_, StoreError>((buffers, covered))
+            Ok::<_, StoreError>((buffers, decoded, waiting))
         };
         let (fetched, decoded, full_run_tail) =
             futures::join!(fetch_run, decode_run, full_run_tail);
-        let (mut buffers, mut covered) = decoded?;
+        let (mut buffers, decoded, mut waiting) = decoded?;
         fetched?;
 
+        let mut covered = decoded + waiting.len() * c;
         let n_full = covered / c;
         let tail = if n_full == max_full {
             full_run_tail?
@@ -563,22 +565,21 @@ impl ObjectPrefixStore {
             let (tokens, _) = parse_envelope(&bytes)?;
             let take = common_prefix_len(&tokens, &prompt[covered..usable]);
             if take > 0 {
-                let (held, offset) = (buffers.take(), covered);
-                let part = DecodePart {
+                waiting.push(DecodePart {
                     bytes,
-                    offset,
+                    offset: covered,
                     take,
-                };
-                let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
-                    decode_parts_into(held, &[part], &model, n_alloc)
-                }))
-                .await;
-                buffers = returned;
-                decoded?;
+                });
                 covered += take;
             }
         }
-        let Some(buffers) = buffers.filter(|_| covered > min_tokens) else {
+        if covered <= min_tokens {
+            return Ok(None);
+        }
+        if !waiting.is_empty() {
+            decode_batch(&mut buffers, waiting, model, n_alloc).await?;
+        }
+        let Some(buffers) = buffers else {
             return Ok(None);
         };
         let tokens = prompt[..covered].to_vec();
@@ -588,6 +589,22 @@ impl ObjectPrefixStore {
             .map_err(|e| StoreError::backend(format!("install task: {e}")))?
             .map(Some)
     }
+}
+
+/// Decodes `parts` into `buffers` (allocated on the first batch) on the blocking pool.
+async fn decode_batch(
+    buffers: &mut Option<DecodeBuffers>,
+    parts: Vec<DecodePart>,
+    model: ModelFingerprint,
+    n_alloc: usize,
+) -> Result<(), StoreError> {
+    let held = buffers.take();
+    let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
+        decode_parts_into(held, &parts, &model, n_alloc)
+    }))
+    .await;
+    *buffers = returned;
+    decoded.map(|_| ())
 }
 
 /// The prefix whose tensors are, in order, layer 0's K and V, layer 1's K and V, ...

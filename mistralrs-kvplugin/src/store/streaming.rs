@@ -73,8 +73,9 @@ pub(super) struct DecodeBuffers {
     data: Vec<Vec<f32>>,
 }
 
-/// A chunk being decoded on the blocking pool: the buffers come back whatever happens, so that
-/// the chunks before a corrupt one are still used.
+/// Chunks being decoded on the blocking pool: the buffers come back whatever happens, so that
+/// the chunks decoded before a corrupt one can still be used (the streamed loader decodes one
+/// chunk per task and keeps those before a failure; whole loads give up on any failure).
 pub(super) type DecodeTask =
     tokio::task::JoinHandle<(Option<DecodeBuffers>, Result<Duration, StoreError>)>;
 
@@ -294,7 +295,7 @@ impl ObjectPrefixStore {
             Some(buffers) if covered > min_tokens => {
                 let tokens = prompt[..covered].to_vec();
                 // Rows the engine wants for what arrived: the buffers as they are when it is
-                // what they were allocated for, else a copy of the rows that arrived.
+                // what they were allocated for, else a copy of their first `rows` rows.
                 let rows = capacity(covered).max(covered);
                 Some(
                     tokio::task::spawn_blocking(move || into_prefix(buffers, tokens, rows))
@@ -546,8 +547,9 @@ pub(super) fn decode_parts_into(
 /// A zeroed buffer of `len` values for a loaded cache, backed by transparent huge pages where
 /// the kernel offers them on request (Linux's `madvise` mode): a 6,000-token SmolLM2 cache is
 /// 280 MB, which 4 KiB pages fault in 68,000 times (measured: a fifth of a disk load's time,
-/// `benches/store.rs` under perf). The allocation is untouched when advised (a large zeroed
-/// allocation is fresh mapped memory), so the decode's first writes fault in huge pages.
+/// `benches/store.rs` under perf). Where the allocator hands out fresh mapped memory (large
+/// zeroed allocations usually are), the decode's first writes fault in huge pages; memory it
+/// reuses from its heap is already backed and stays as it is. Speed only, never contents.
 fn zeroed_buffer(len: usize) -> Vec<f32> {
     let buffer = vec![0f32; len];
     #[cfg(target_os = "linux")]
