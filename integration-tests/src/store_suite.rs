@@ -73,6 +73,22 @@ pub fn max_diff(a: &KvPrefix, b: &KvPrefix, n: usize) -> f32 {
     max
 }
 
+/// Flips the bits of `mask` in the last byte of the object at `path` (inside the payload the
+/// checksum covers, past the envelope's token ids).
+pub async fn damage_last_byte(backend: &dyn ObjectStore, path: &Path, mask: u8) {
+    let mut bytes = backend
+        .get(path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= mask;
+    backend.put(path, bytes.into()).await.unwrap();
+}
+
 /// A chunked store with small chunks over `backend`.
 pub fn store_over(backend: Arc<dyn ObjectStore>, level: Level) -> ObjectPrefixStore {
     ObjectPrefixStore::new(
@@ -211,17 +227,7 @@ pub async fn behaviour_suite(
         .map(|o| o.location.clone())
         .find(|p| p.as_ref().contains("/c-") && p.as_ref().ends_with(".lossless"))
         .expect("a lossless chunk");
-    let mut bytes = backend
-        .get(&victim)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    backend.put(&victim, bytes.into()).await.unwrap();
+    damage_last_byte(&*backend, &victim, 0xff).await;
     match store.load(&m, &prompt, 0).await {
         Err(StoreError::Codec(_)) | Err(StoreError::Corrupt { .. }) => {}
         other => panic!("damaged object gave {other:?}"),

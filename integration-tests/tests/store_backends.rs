@@ -208,7 +208,7 @@ async fn chunks_written_at_several_levels_are_read_at_any_of_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_first_chunk_of_a_long_run_is_an_error_not_a_hang() {
     use futures::TryStreamExt;
-    use integration_tests::store_suite::CHUNK;
+    use integration_tests::store_suite::{damage_last_byte, CHUNK};
     use mistralrs_kvplugin::store::StoreError;
     use object_store::path::Path;
 
@@ -231,17 +231,7 @@ async fn a_damaged_first_chunk_of_a_long_run_is_an_error_not_a_hang() {
         .map(|o| o.location)
         .find(|p| p.as_ref().contains("/c-0-"))
         .expect("chunk 0");
-    let mut bytes = backend
-        .get(&first)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    backend.put(&first, bytes.into()).await.unwrap();
+    damage_last_byte(&*backend, &first, 0xff).await;
 
     let mut prompt = saved_tokens.clone();
     prompt.extend([5, 6, 7]);

@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::TryStreamExt;
-use integration_tests::store_suite::{max_abs, max_diff, model, prefix, tokens, CHUNK};
+use integration_tests::store_suite::{
+    damage_last_byte, max_abs, max_diff, model, prefix, tokens, CHUNK,
+};
 use mistralrs_core::KvPrefix;
 use mistralrs_kvplugin::{
     codec::Level,
@@ -14,7 +16,7 @@ use mistralrs_kvplugin::{
     stream::{Choice, ChunkOutcome, PlannerInputs, PrefillModel, StreamPolicy},
     ModelFingerprint,
 };
-use object_store::{memory::InMemory, path::Path, ObjectStore, PutPayload};
+use object_store::{memory::InMemory, path::Path, ObjectStore};
 
 /// 4 full chunks and a 20-token tail.
 const SAVED: usize = 4 * CHUNK + 20;
@@ -259,18 +261,7 @@ async fn a_corrupt_chunk_ends_the_load_at_the_chunk_before_it() {
         .collect();
     assert_eq!(third.len(), 3, "chunk 2 at three levels: {third:?}");
     for path in &third {
-        let mut bytes = f
-            .backend
-            .get(path)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-        f.backend.put(path, PutPayload::from(bytes)).await.unwrap();
+        damage_last_byte(&*f.backend, path, 0x55).await;
     }
 
     let store = ObjectPrefixStore::new(f.backend.clone(), config()).unwrap();
