@@ -11,12 +11,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$HOME/.cache/mistralrs-kvplugin/target}"
 cp "$root/Cargo.lock" "$root/patches/check/Cargo.lock"
-echo "check-engine-features: cargo check of mistralrs-core with kv-hooks and kv-blend off" >&2
+echo "check-engine-features: cargo check of mistralrs-core with kv-hooks, kv-blend and paged-attn-cpu off" >&2
 cargo check --quiet --profile release --manifest-path "$root/patches/check/Cargo.toml" \
   --target-dir "$target"
 features="$(cargo tree --quiet --manifest-path "$root/patches/check/Cargo.toml" -e features \
   -i mistralrs-core --prefix none --format '{f}' | head -n 1)"
-if [[ "$features" == *kv-hooks* || "$features" == *kv-blend* ]]; then
+if [[ "$features" == *kv-hooks* || "$features" == *kv-blend* || "$features" == *paged-attn-cpu* ]]; then
   echo "check-engine-features: mistralrs-core was built with '$features'" >&2
   exit 1
 fi
