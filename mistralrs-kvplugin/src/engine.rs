@@ -19,9 +19,10 @@ use std::{
 use candle_core::Device;
 use mistralrs_core::{
     Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig,
-    IsqOrganization, KvHook, Loader, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
-    NormalLoaderType, NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response,
-    SamplingParams, SchedulerConfig, TokenSource,
+    IsqOrganization, KvHook, Loader, MemoryGpuConfig, MistralRs, MistralRsBuilder, ModelDType,
+    NormalLoaderBuilder, NormalLoaderType, NormalRequest, NormalSpecificConfig,
+    PagedAttentionConfig, PagedCacheType, Request, RequestMessage, Response, SamplingParams,
+    SchedulerConfig, TokenSource,
 };
 use tokenizers::Tokenizer;
 
@@ -57,6 +58,29 @@ pub struct EngineOptions {
     /// The model's id in the engine (what OpenAI clients name in `model`); default: the model
     /// path.
     pub model_id: Option<String>,
+    /// PagedAttention (the engine's block manager and block prefix cache) instead of one cache
+    /// per sequence; `None`: the non-paged path.
+    pub paged: Option<PagedOptions>,
+}
+
+/// The paged KV cache of an engine on the CPU (the engine patch's `paged-attn-cpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedOptions {
+    /// Tokens per block: 8, 16 or 32 (the engine's default, 32).
+    pub block_size: usize,
+    /// Tokens the block pool holds, every sequence together (rounded up to whole blocks). The
+    /// pool is allocated up front: SmolLM2-135M in F32 takes 46,080 bytes per token.
+    pub cache_tokens: usize,
+}
+
+impl Default for PagedOptions {
+    /// Blocks of 32 tokens, room for 16,384 tokens (720 MiB with SmolLM2-135M in F32).
+    fn default() -> Self {
+        Self {
+            block_size: 32,
+            cache_tokens: 16_384,
+        }
+    }
 }
 
 impl EngineOptions {
@@ -71,6 +95,7 @@ impl EngineOptions {
             no_kv_cache: false,
             prefix_cache_n: None,
             model_id: None,
+            paged: None,
         }
     }
 
@@ -88,6 +113,12 @@ pub struct Generation {
     pub text: String,
     /// The generated tokens, as the engine reports them (one string per token).
     pub tokens: Vec<String>,
+    /// The generated token ids (`None` where the engine did not report one).
+    pub token_ids: Vec<Option<u32>>,
+    /// The "logprob" the engine reports for each generated token. For greedy sampling mistral.rs
+    /// 0.8.1 reports log10 of the raw logit (NaN for a negative one), not a log-probability:
+    /// equal values still mean equal logits, but differences are not probabilities.
+    pub logprobs: Vec<f32>,
     /// Time from sending the request to the first generated token.
     pub ttft: Duration,
     /// Time from sending the request to the last token.
@@ -170,6 +201,8 @@ impl LocalEngine {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_new_tokens);
+        // The most likely token is the greedy choice: its id comes back with the logprobs.
+        sampling.top_n_logprobs = 1;
         let request = NormalRequest {
             messages: RequestMessage::CompletionTokens(prompt.to_vec()),
             sampling_params: sampling,
@@ -209,6 +242,7 @@ pub async fn build_runner(options: EngineOptions) -> Result<(Arc<MistralRs>, Arc
         no_kv_cache,
         prefix_cache_n,
         model_id,
+        paged,
     } = options;
     // A path that does not exist would be taken for a hub id: refuse it here instead.
     match &model {
@@ -254,6 +288,16 @@ pub async fn build_runner(options: EngineOptions) -> Result<(Arc<MistralRs>, Arc
             .map_err(Error::Engine)?
         }
     };
+    let paged_config = paged
+        .map(|paged| {
+            PagedAttentionConfig::new(
+                Some(paged.block_size),
+                MemoryGpuConfig::ContextSize(paged.cache_tokens),
+                PagedCacheType::Auto,
+            )
+        })
+        .transpose()
+        .map_err(Error::Engine)?;
     let pipeline = loader
         .load_model_from_hf(
             None,
@@ -263,7 +307,7 @@ pub async fn build_runner(options: EngineOptions) -> Result<(Arc<MistralRs>, Arc
             true,
             DeviceMapSetting::dummy(),
             None,
-            None,
+            paged_config,
         )
         .map_err(Error::Engine)?;
     let tokenizer = pipeline
@@ -272,8 +316,22 @@ pub async fn build_runner(options: EngineOptions) -> Result<(Arc<MistralRs>, Arc
         .tokenizer()
         .ok_or_else(|| Error::Engine(anyhow::anyhow!("the model has no tokenizer")))?;
     let max_running = NonZeroUsize::new(max_running.max(1)).expect("max(1) is non-zero");
-    let scheduler = SchedulerConfig::DefaultScheduler {
-        method: DefaultSchedulerMethod::Fixed(max_running),
+    let cache_config = pipeline.lock().await.get_metadata().cache_config.clone();
+    let scheduler = match (paged, cache_config) {
+        (None, _) => SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(max_running),
+        },
+        (Some(_), Some(config)) => SchedulerConfig::PagedAttentionMeta {
+            max_num_seqs: max_running.get(),
+            config,
+        },
+        // The loader turns paged attention off for models and device mixes it cannot run:
+        // never fall back silently to the other path.
+        (Some(_), None) => {
+            return Err(Error::Engine(anyhow::anyhow!(
+                "the engine refused PagedAttention for this model (see its log)"
+            )))
+        }
     };
     let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
         .with_no_prefix_cache(!prefix_cache)
@@ -303,6 +361,8 @@ impl PendingCompletion {
         let PendingCompletion { mut rx, start } = self;
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut token_ids = Vec::new();
         let mut ttft = None;
         loop {
             match rx.recv().await {
@@ -313,7 +373,9 @@ impl PendingCompletion {
                     };
                     text.push_str(&choice.text);
                     if let Some(logprob) = choice.logprobs {
+                        token_ids.push(logprob.top_logprobs.first().map(|top| top.token));
                         tokens.push(logprob.token);
+                        logprobs.push(logprob.logprob);
                     }
                     if choice.finish_reason.is_some() {
                         break;
@@ -339,6 +401,8 @@ impl PendingCompletion {
         Ok(Generation {
             text,
             tokens,
+            token_ids,
+            logprobs,
             ttft: ttft.unwrap_or(total),
             total,
         })
