@@ -5,6 +5,7 @@ pub mod baselines;
 pub mod blend;
 pub mod codec;
 pub mod offload;
+pub mod paged;
 pub mod plot;
 pub mod serve;
 pub mod stream;

@@ -83,6 +83,9 @@ enum BenchCommand {
     /// Time to first token against context length: stock full prefill, stock in-memory prefix
     /// hit, and a store hit per codec level from each store given.
     Offload(crate::bench::offload::OffloadBenchArgs),
+    /// PagedAttention on the CPU against the non-paged path: full prefill, the engine's own
+    /// prefix hit and decode speed per context length, and whether the answers are the same.
+    Paged(crate::bench::paged::PagedBenchArgs),
     /// Replays bandwidth traces: the adaptive loader against each fixed level, always-lossless
     /// and always-text (violation rate, TTFT mean and p90, perplexity change, greedy agreement).
     Stream(crate::bench::stream::StreamBenchArgs),
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Store(args) => store::run(args),
         Command::Bench(BenchCommand::Codec(args)) => crate::bench::codec::run(args),
         Command::Bench(BenchCommand::Offload(args)) => crate::bench::offload::run(args),
+        Command::Bench(BenchCommand::Paged(args)) => crate::bench::paged::run(args),
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
         Command::Bench(BenchCommand::Blend(args)) => crate::bench::blend::run_bench(args),
         Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
