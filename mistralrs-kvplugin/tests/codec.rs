@@ -502,3 +502,142 @@ fn golden_files_of_every_version_still_decode() {
     }
     assert_eq!(checked, 2 * Level::ALL.len() * format::VERSION as usize);
 }
+
+// Hand-made lossy chunks with a valid checksum: what a hostile or foreign writer can put in a
+// store. Their tensor sections code every value with one symbol (a one-symbol frequency table:
+// every rANS state stays at 2^16, so the stream is its initial states alone).
+
+const FLAGS_PER_TOKEN: u8 = 1;
+const FLAGS_DELTA: u8 = 2;
+const FLAGS_PER_HEAD: u8 = 4;
+
+/// A lossy tensor section (`FORMAT.md`) of `groups` groups (centre `g` for group `g`, scale 1,
+/// step 1) whose every symbol is 0, so every coded integer is `-offset`.
+fn one_symbol_section(version: u16, flags: u8, groups: usize, offset: u16) -> Vec<u8> {
+    let mut s = vec![flags];
+    s.extend(1f32.to_le_bytes());
+    for g in 0..groups {
+        s.extend(f16::from_f32(g as f32).to_le_bytes());
+    }
+    for _ in 0..groups {
+        s.extend(f16::ONE.to_le_bytes());
+    }
+    s.extend(offset.to_le_bytes());
+    s.extend(1u16.to_le_bytes()); // alphabet size
+    s.extend(4096u16.to_le_bytes()); // its one frequency
+    if version == 1 {
+        // Four states, each as two u16 (high half first), and no words.
+        s.extend(16u32.to_le_bytes());
+        for _ in 0..4 {
+            s.extend(1u16.to_le_bytes());
+            s.extend(0u16.to_le_bytes());
+        }
+    } else {
+        // Four lane states, four word counts of 0, no words.
+        s.extend(32u32.to_le_bytes());
+        for _ in 0..4 {
+            s.extend((1u32 << 16).to_le_bytes());
+        }
+        s.extend([0u8; 16]);
+    }
+    s
+}
+
+/// A one-layer F32 chunk at level `default` of format `version` with `section` as both its K
+/// and V tensors.
+fn handmade_chunk(version: u16, heads: u16, head_dim: u16, tokens: u32, section: &[u8]) -> Vec<u8> {
+    let mut bytes = b"KVCG".to_vec();
+    bytes.extend(version.to_le_bytes());
+    bytes.push(2); // level: default
+    bytes.push(0); // dtype: f32
+    for field in [1u16, heads, head_dim, 0] {
+        bytes.extend(field.to_le_bytes()); // layers, heads, head_dim, exact_tokens
+    }
+    bytes.extend(tokens.to_le_bytes());
+    bytes.extend(MODEL);
+    let mut payload = Vec::new();
+    for _ in 0..2 {
+        payload.extend((section.len() as u32).to_le_bytes());
+    }
+    for _ in 0..2 {
+        payload.extend(section);
+    }
+    bytes.extend((payload.len() as u64).to_le_bytes());
+    bytes.extend([0u8; 8]);
+    bytes.extend(payload);
+    refresh_checksum(bytes)
+}
+
+#[test]
+fn a_symbol_offset_beyond_the_format_is_corrupt_not_a_wrapped_sum() {
+    // 65,536 tokens of differences of -65,535 each: an i32 running sum overflows after 32,769
+    // tokens (a panic with overflow checks, garbage without). The format bounds the offset.
+    let tokens = 65_536;
+    for (version, offset) in [(2, 65_535u16), (2, 4093), (1, 65_535)] {
+        let section = one_symbol_section(version, FLAGS_DELTA, 1, offset);
+        let chunk = handmade_chunk(version, 1, 1, tokens, &section);
+        let err = codec::decode(&chunk, &MODEL).expect_err("an offset past the format's bound");
+        assert!(
+            matches!(&err, CodecError::Corrupt { .. }) && err.to_string().contains("offset"),
+            "version {version}, offset {offset}: {err}"
+        );
+    }
+    // At the bound, the sums are exact: -4,092 per token.
+    let section = one_symbol_section(2, FLAGS_DELTA, 1, 4092);
+    let decoded = codec::decode(&handmade_chunk(2, 1, 1, tokens, &section), &MODEL).unwrap();
+    let keys = decoded.tensor_f32(0);
+    assert_eq!(keys[0], -4092.0);
+    assert_eq!(keys[tokens as usize - 1], -4092.0 * tokens as f32);
+}
+
+#[test]
+fn a_version_1_per_head_running_sum_past_i32_is_exact() {
+    // Version 1 sums a per-head group along tokens and channels: 16 channels x 65,536 tokens of
+    // -4,092 (within the format's bound) reach -4.29e9, past i32.
+    let (tokens, channels) = (65_536u32, 16u16);
+    let section = one_symbol_section(1, FLAGS_PER_HEAD | FLAGS_DELTA, 1, 4092);
+    let decoded = codec::decode(&handmade_chunk(1, 1, channels, tokens, &section), &MODEL).unwrap();
+    let keys = decoded.tensor_f32(0);
+    let n = keys.len();
+    assert_eq!(n, tokens as usize * channels as usize);
+    assert_eq!(keys[0], -4092.0);
+    assert_eq!(keys[n - 1], -4092.0 * n as f32);
+}
+
+#[test]
+fn a_version_1_per_token_chunk_at_the_end_of_a_buffer_decodes_its_first_tokens() {
+    // Per-token groups past `take` start beyond the buffer when the chunk ends there (the tail of
+    // a prompt that shares only part of a stored chunk); 0.x sliced at that start and panicked.
+    let (heads, tokens, channels) = (2usize, 8usize, 2usize);
+    let section = one_symbol_section(1, FLAGS_PER_TOKEN, heads * tokens, 0);
+    let chunk = handmade_chunk(1, heads as u16, channels as u16, tokens as u32, &section);
+    let parsed = codec::ParsedChunk::parse(&chunk, &MODEL).unwrap();
+    for take in 0..=tokens {
+        let mut buffer = vec![f32::NAN; heads * tokens * channels];
+        parsed
+            .decode_tensor_into(
+                0,
+                &mut codec::Dest {
+                    data: &mut buffer,
+                    tokens,
+                    token_offset: tokens - take,
+                    take,
+                },
+            )
+            .unwrap_or_else(|e| panic!("take {take}: {e}"));
+        for h in 0..heads {
+            for t in 0..tokens {
+                for c in 0..channels {
+                    let got = buffer[(h * tokens + t) * channels + c];
+                    if t >= tokens - take {
+                        // Group (h, coded token t - offset): its centre, the group's number.
+                        let group = h * tokens + t - (tokens - take);
+                        assert_eq!(got, group as f32, "take {take} h {h} t {t} c {c}");
+                    } else {
+                        assert!(got.is_nan(), "take {take}: wrote outside its span");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -52,6 +52,12 @@ pub enum Grouping {
 /// Largest `|q|` the alphabet allows (`2 * MAX_Q + 1` symbols; differences need twice that).
 pub(super) const MAX_Q: i32 = (rans::MAX_SYMBOLS as i32 / 2 - 1) / 2;
 
+/// Largest symbol offset the format allows (`FORMAT.md`). With at most 4,096 symbols, every coded
+/// integer is within 4,095 of zero, so a version-2 running sum (at most 65,536 tokens) stays
+/// below 2^28: the `i32` accumulators of [`decode`] cannot overflow. A larger offset (only a
+/// hostile or foreign writer makes one) could carry them past `i32` after 32,769 tokens.
+pub(super) const MAX_OFFSET: i32 = 4092;
+
 /// Largest group size for which `step` can never produce `|q| > MAX_Q`.
 pub fn max_group_len(step: f32) -> usize {
     let bound = (MAX_Q as f32 - 1.0) * step;
@@ -472,6 +478,11 @@ impl TensorHead {
         let mus = read_f16s()?;
         let scales = read_f16s()?.into_iter().map(|s| s * step).collect();
         let offset = r.u16()? as i32;
+        if offset > MAX_OFFSET {
+            return Err(CodecError::corrupt(format!(
+                "symbol offset {offset} (at most {MAX_OFFSET})"
+            )));
+        }
         let table = FreqTable::read(r)?;
         Ok(Self {
             grouping,

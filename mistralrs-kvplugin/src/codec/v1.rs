@@ -41,9 +41,9 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(),
                 let kept = dest.take.min(group.len());
                 let data = &mut *dest.data;
                 if delta {
-                    let mut acc = 0i32;
+                    let mut acc = 0i64;
                     for (t, &s) in group[..kept].iter().enumerate() {
-                        acc += s as i32 - offset;
+                        acc += i64::from(s as i32 - offset);
                         data[base + t * channels] = mu + scale * acc as f32;
                     }
                 } else {
@@ -62,13 +62,20 @@ pub fn decode(r: &mut Reader<'_>, dims: Dims, dest: &mut Dest<'_>) -> Result<(),
                     .take
                     .saturating_sub(first_token)
                     .min(group_len / channels);
+                if kept_tokens == 0 {
+                    // A per-token group at or past `take`: its row may lie beyond `dest` (the
+                    // chunk at the end of the buffer), so not even an empty slice is taken.
+                    continue;
+                }
                 let kept = kept_tokens * channels;
                 let base = dest.at(channels, h, first_token);
                 let out = &mut dest.data[base..base + kept];
                 // A value depends only on the symbols before it, so decoding stops at `kept`.
-                let mut acc = 0i32;
+                // The sums run in i64: a per-head group holds up to 2^27 symbols, whose sum can
+                // pass `i32` even within the format's offset bound.
+                let mut acc = 0i64;
                 for (o, &s) in out.iter_mut().zip(&group[..kept]) {
-                    let q = s as i32 - offset;
+                    let q = i64::from(s as i32 - offset);
                     acc = if delta { acc + q } else { q };
                     *o = mu + scale * acc as f32;
                 }
