@@ -21,3 +21,7 @@ if [[ "$features" == *kv-hooks* || "$features" == *kv-blend* || "$features" == *
   exit 1
 fi
 echo "check-engine-features: ok (mistralrs-core features: '${features}')" >&2
+echo "check-engine-features: cargo check of mistralrs-core with kv-hooks alone (no paged-attn-cpu)" >&2
+cargo check --quiet --profile release --manifest-path "$root/patches/check/Cargo.toml" \
+  --target-dir "$target" --features hooks-only
+echo "check-engine-features: ok (kv-hooks alone)" >&2

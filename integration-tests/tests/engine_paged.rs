@@ -26,18 +26,33 @@
 //!   (`a_prompt_longer_than_the_pool_is_answered_with_an_error_...`).
 //! - Decode-time preemption in a pool too small for every sequence at once recomputes the
 //!   preempted sequences from their own cached blocks (`preemption_in_a_small_pool_...`).
+//!
+//! The KV hook on the block path (`patches/mistralrs-core/0011`):
+//! - A finished sequence's rows, gathered from its blocks before they are freed, are the
+//!   non-paged cache's rows bit for bit.
+//! - A store hit is installed in whole blocks after the engine's own block hit, and the answer is
+//!   the non-paged one.
+//! - Approximate rows (a blended cache) are installed but never registered in the block pool,
+//!   nor is any block computed after them.
+//! - A store whose chunks end inside blocks is declined at registration.
 
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use candle_core::Tensor;
-use integration_tests::{document, gguf_path, hf_dir, question_prompt};
-use mistralrs_core::{CustomLogitsProcessor, Request};
+use integration_tests::{
+    document, gguf_path, hf_dir, question_prompt, store_suite::max_abs, wait_for,
+};
+use mistralrs_core::{CustomLogitsProcessor, FinishedPrefix, KvHook, KvPrefix, LayerKv, Request};
 use mistralrs_kvplugin::{
+    codec::Level,
     engine::{
         EngineOptions, Generation, LocalEngine, ModelSource, PagedOptions, PendingCompletion,
     },
-    HookConfig, KvPluginHook, MemoryPrefixStore,
+    store::{common_prefix_len, ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
+    HookConfig, KvPluginHook,
 };
+use object_store::memory::InMemory;
 
 /// The largest difference of a chosen token's logit accepted where the paged and non-paged
 /// engines split a computation differently (prefix hits, batches): matrix products of other
@@ -504,35 +519,273 @@ async fn a_paged_engine_refuses_a_block_size_the_kernels_do_not_have() {
     assert!(err.contains("Block size"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paged_engine_refuses_the_hook_and_answers_as_stock() {
-    // The block path has no hook yet: the connector refuses it at start (counted), and the engine
-    // runs as the stock paged engine, never with a half-working install.
-    let model = ModelSource::HfDir(hf_dir());
-    let hook = Arc::new(KvPluginHook::new(
-        Arc::new(MemoryPrefixStore::new(1 << 30)),
-        HookConfig::default(),
-    ));
-    let reference = reference_engine(model.clone()).await;
-    let paged = LocalEngine::start(
-        EngineOptions {
-            paged: Some(PagedOptions::default()),
-            ..EngineOptions::new(model.clone())
+/// A hook that hands out one prepared prefix and records what the engine reports and offers.
+#[derive(Default)]
+struct Recorder {
+    offer: Mutex<Option<KvPrefix>>,
+    scheduled: Mutex<Vec<(Vec<u32>, usize)>>,
+    saved: Mutex<Vec<FinishedPrefix>>,
+}
+
+#[async_trait]
+impl KvHook for Recorder {
+    /// The prepared prefix, once, to the first prompt it is a prefix of (not the engine's
+    /// warm-up request).
+    async fn load_prefix(&self, prompt: &[u32], _cached: usize) -> Option<KvPrefix> {
+        let mut offer = self.offer.lock().unwrap();
+        let fits = offer.as_ref()?.tokens.len() < prompt.len()
+            && prompt.starts_with(&offer.as_ref()?.tokens);
+        fits.then(|| offer.take()).flatten()
+    }
+
+    fn on_scheduled(&self, _seq_id: usize, prompt: &[u32], reused_tokens: usize) {
+        self.scheduled
+            .lock()
+            .unwrap()
+            .push((prompt.to_vec(), reused_tokens));
+    }
+
+    async fn save_prefix(&self, finished: FinishedPrefix) {
+        self.saved.lock().unwrap().push(finished);
+    }
+}
+
+impl Recorder {
+    /// The reuse the engine last reported for `prompt`.
+    fn reused(&self, prompt: &[u32]) -> usize {
+        let scheduled = self.scheduled.lock().unwrap();
+        let found = scheduled.iter().rev().find(|(p, _)| p == prompt);
+        found.expect("the prompt was scheduled").1
+    }
+
+    /// The cache offered for the sequence answering `prompt` (waits up to 60 s for its task).
+    async fn saved(&self, prompt: &[u32]) -> FinishedPrefix {
+        for _ in 0..600 {
+            let found = self
+                .saved
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|f| f.prefix.tokens.starts_with(prompt))
+                .cloned();
+            if let Some(found) = found {
+                return found;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        .with_kv_hook(hook.clone()),
+        panic!("no cache offered for the prompt");
+    }
+}
+
+fn largest_difference(a: &KvPrefix, b: &KvPrefix) -> f32 {
+    assert_eq!(a.layers.len(), b.layers.len());
+    a.layers
+        .iter()
+        .zip(&b.layers)
+        .flat_map(|(x, y)| [(&x.k, &y.k), (&x.v, &y.v)])
+        .map(|(x, y)| {
+            assert_eq!(x.dims(), y.dims());
+            max_abs(&(x - y).unwrap())
+        })
+        .fold(0f32, f32::max)
+}
+
+/// `prefix`'s first `n` rows, marked approximate from `approximate_from`.
+fn first_rows(prefix: &KvPrefix, n: usize, approximate_from: Option<usize>) -> KvPrefix {
+    let rows = |t: &Tensor| t.narrow(2, 0, n).unwrap().contiguous().unwrap();
+    KvPrefix {
+        tokens: prefix.tokens[..n].to_vec(),
+        layers: prefix
+            .layers
+            .iter()
+            .map(|l| LayerKv {
+                k: rows(&l.k),
+                v: rows(&l.v),
+            })
+            .collect(),
+        approximate_from,
+    }
+}
+
+fn with_hook(options: EngineOptions, hook: Arc<dyn KvHook>) -> EngineOptions {
+    options.with_kv_hook(hook)
+}
+
+/// A non-paged engine with no prefix cache that offers its caches to `hook`.
+async fn non_paged_engine_with(model: &ModelSource, hook: Arc<dyn KvHook>) -> LocalEngine {
+    let options = EngineOptions {
+        prefix_cache: false,
+        ..EngineOptions::new(model.clone())
+    };
+    LocalEngine::start(with_hook(options, hook)).await.unwrap()
+}
+
+fn paged_options(model: &ModelSource) -> EngineOptions {
+    EngineOptions {
+        paged: Some(PagedOptions {
+            block_size: BLOCK,
+            cache_tokens: 4096,
+        }),
+        ..EngineOptions::new(model.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_paged_sequence_offers_the_rows_a_non_paged_one_offers() {
+    // The rows gathered from the blocks before they are freed are the non-paged cache's rows,
+    // bit for bit (a cold prompt computes the same products on both paths), for the tokens
+    // that have rows: the prompt and every answer token but the last.
+    for model in sources() {
+        let flat_hook = Arc::new(Recorder::default());
+        let paged_hook = Arc::new(Recorder::default());
+        let flat = non_paged_engine_with(&model, flat_hook.clone()).await;
+        let paged = LocalEngine::start(with_hook(paged_options(&model), paged_hook.clone()))
+            .await
+            .unwrap();
+        let prompt = question_prompt(&flat, &document(&flat, 300), "Who may copy it?");
+        let expected = complete(&flat, &prompt, 10).await;
+        let answer = complete(&paged, &prompt, 10).await;
+        assert_same("cold prompt", &model, &expected, &answer, true);
+        let (want, got) = (
+            flat_hook.saved(&prompt).await,
+            paged_hook.saved(&prompt).await,
+        );
+        assert_eq!(
+            got.prefix.tokens.len(),
+            prompt.len() + answer.ids().len() - 1
+        );
+        assert_eq!(got.prefix.tokens, want.prefix.tokens);
+        assert_eq!(
+            (
+                got.prompt_tokens,
+                got.reused_tokens,
+                got.prefix.approximate_from
+            ),
+            (prompt.len(), 0, None)
+        );
+        assert_eq!(
+            largest_difference(&got.prefix, &want.prefix),
+            0.0,
+            "{model:?}: gathered rows differ from the non-paged cache"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_hit_fills_whole_blocks_and_answers_as_the_non_paged_path_does() {
+    // Engine A (paged) saves a document's cache through the plugin; a fresh paged engine B loads
+    // it for another question on the document: the rows up to the last block boundary come
+    // from the store, the rest is prefilled, and the answer is the non-paged one.
+    for model in sources() {
+        let store: Arc<dyn PrefixStore> = Arc::new(
+            ObjectPrefixStore::new(
+                Arc::new(InMemory::new()),
+                ObjectStoreConfig {
+                    level: Level::Lossless,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let hook = || Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
+        let reference = reference_engine(model.clone()).await;
+        let doc = document(&reference, 700);
+        let prompt_a = question_prompt(&reference, &doc, "Who may copy this license?");
+        let prompt_b = question_prompt(&reference, &doc, "What does it say about patents?");
+        let expected = complete(&reference, &prompt_b, 12).await;
+        drop(reference);
+
+        let hook_a = hook();
+        let engine_a = LocalEngine::start(with_hook(paged_options(&model), hook_a.clone()))
+            .await
+            .unwrap();
+        complete(&engine_a, &prompt_a, 12).await;
+        let a = wait_for(&hook_a, 1, 1).await;
+        assert_eq!((a.saves, a.hits), (1, 0), "{a:?}");
+        drop(engine_a);
+
+        let hook_b = hook();
+        let engine_b = LocalEngine::start(with_hook(paged_options(&model), hook_b.clone()))
+            .await
+            .unwrap();
+        let answer = complete(&engine_b, &prompt_b, 12).await;
+        let b = wait_for(&hook_b, 1, 1).await;
+        let shared = common_prefix_len(&prompt_a, &prompt_b);
+        assert!(shared > 600, "the prompts share the document ({shared})");
+        assert_eq!((b.hits, b.hit_tokens), (1, shared as u64), "{b:?}");
+        assert_eq!(
+            b.last_reused_tokens,
+            (shared / BLOCK * BLOCK) as u64,
+            "engine B took the whole blocks of the hit: {b:?}"
+        );
+        assert_same("store hit", &model, &expected, &answer, false);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approximate_rows_never_enter_the_block_pool() {
+    // A prefix marked approximate from row 100 is installed whole (rows up to the block
+    // boundary), but only the blocks before row 100 are registered: the same prompt sent again
+    // finds 96 tokens in the block pool, not the prompt step's or the decode steps' blocks, and
+    // the finished sequence is offered marked approximate.
+    let model = ModelSource::HfDir(hf_dir());
+    let source_hook = Arc::new(Recorder::default());
+    let flat = non_paged_engine_with(&model, source_hook.clone()).await;
+    let doc = document(&flat, 400);
+    let prompt_a = question_prompt(&flat, &doc, "Who may copy this license?");
+    let prompt_b = question_prompt(&flat, &doc, "What does it say about patents?");
+    complete(&flat, &prompt_a, 4).await;
+    let expected = complete(&flat, &prompt_b, 12).await;
+    let shared = common_prefix_len(&prompt_a, &prompt_b);
+    let rows = source_hook.saved(&prompt_a).await.prefix;
+
+    let hook = Arc::new(Recorder::default());
+    *hook.offer.lock().unwrap() = Some(first_rows(&rows, shared, Some(100)));
+    let paged = LocalEngine::start(with_hook(paged_options(&model), hook.clone()))
+        .await
+        .unwrap();
+    let answer = complete(&paged, &prompt_b, 12).await;
+    assert_eq!(hook.reused(&prompt_b), shared / BLOCK * BLOCK);
+    // The rows were in fact exact: the answer is the non-paged one.
+    assert_same("approximate install", &model, &expected, &answer, false);
+    let saved = hook.saved(&prompt_b).await;
+    assert_eq!(saved.prefix.approximate_from, Some(100));
+
+    complete(&paged, &prompt_b, 4).await;
+    assert_eq!(
+        hook.reused(&prompt_b),
+        96,
+        "only the blocks before the first approximate row are in the pool"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_whose_chunks_split_blocks_is_declined_and_the_engine_answers_as_stock() {
+    // 48-token chunks end inside 32-token blocks: the plugin declines to register, so the
+    // engine runs as the stock paged engine (no lookups, no saves).
+    let model = ModelSource::HfDir(hf_dir());
+    let store = ObjectPrefixStore::new(
+        Arc::new(InMemory::new()),
+        ObjectStoreConfig {
+            chunk_tokens: 48,
+            ..Default::default()
+        },
     )
-    .await
-    .expect("paged engine with a hook");
+    .unwrap();
+    let hook = Arc::new(KvPluginHook::new(Arc::new(store), HookConfig::default()));
+    let reference = reference_engine(model.clone()).await;
+    let paged = LocalEngine::start(with_hook(paged_options(&model), hook.clone()))
+        .await
+        .unwrap();
     let prompt = question_prompt(&reference, &document(&reference, 200), "Why?");
     let expected = complete(&reference, &prompt, 8).await;
     let answer = complete(&paged, &prompt, 8).await;
-    assert_same(
-        "paged engine with a refused hook",
-        &model,
-        &expected,
-        &answer,
-        true,
+    assert_same("declined hook", &model, &expected, &answer, true);
+    let m = hook.metrics().snapshot();
+    assert_eq!(
+        (m.lookups, m.finished_sequences, m.scheduled_sequences),
+        (0, 0, 0),
+        "{m:?}"
     );
-    // The engine registered (and refused) the hook before its loop answered anything.
-    assert_eq!(hook.metrics().snapshot().refused_engines, 1);
 }

@@ -652,6 +652,16 @@ fn to_host(prefix: KvPrefix) -> candle_core::Result<KvPrefix> {
 #[async_trait]
 impl KvHook for KvPluginHook {
     fn register(&self, model: &KvModelInfo) -> anyhow::Result<()> {
+        // A paged engine installs whole blocks: a chunk that ended inside a block would leave
+        // the block's loaded rows unusable, and its saved rows misaligned with the next load.
+        if let (Some(block), Some(chunk)) = (model.paged_block_size, self.store.chunk_tokens()) {
+            if chunk % block != 0 {
+                anyhow::bail!(
+                    "chunk_tokens = {chunk} is not a whole number of the paged engine's \
+                     {block}-token blocks; use a multiple of {block} (256 is one)"
+                );
+            }
+        }
         let fingerprint = ModelFingerprint::of_model(model)?;
         let registered = *self.model.get_or_init(|| fingerprint);
         if registered != fingerprint {

@@ -145,6 +145,13 @@ pub trait PrefixStore: Send + Sync {
         prefix: KvPrefix,
     ) -> Result<SaveOutcome, StoreError>;
 
+    /// Tokens per stored chunk, for a store that keeps prefixes in chunks; `None` for one that
+    /// keeps whole prefixes. A paged engine takes loads in whole blocks: the hook refuses to
+    /// register where a chunk boundary would fall inside a block.
+    fn chunk_tokens(&self) -> Option<usize> {
+        None
+    }
+
     /// Finds the longest saved prefix of `prompt` under `model` that is longer than `min_tokens`
     /// and shorter than `prompt`.
     async fn load(

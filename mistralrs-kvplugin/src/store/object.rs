@@ -327,6 +327,10 @@ impl ObjectPrefixStore {
 
 #[async_trait]
 impl PrefixStore for ObjectPrefixStore {
+    fn chunk_tokens(&self) -> Option<usize> {
+        Some(self.config.chunk_tokens)
+    }
+
     async fn save(
         &self,
         model: &ModelFingerprint,
