@@ -7,6 +7,8 @@
 //!   sees no context) equals the full prefill's.
 //! - A 15% blend recomputes that share in the later layers, loads documents from the store when
 //!   memory lost them, and never leaks into exact caches (the engine's or the store's).
+//! - On a paged engine the blend fills the blocks allocated at admission, and none of them enter
+//!   the block pool.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +18,7 @@ use mistralrs_kvplugin::{
     blend::{BlendConfig, BlendPlan, BlendPrompt, ChunkSource},
     codec::Level,
     corpus,
-    engine::{EngineOptions, LocalEngine, ModelSource},
+    engine::{EngineOptions, Generation, LocalEngine, ModelSource, PagedOptions},
     store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
     HookConfig, KvPluginHook,
 };
@@ -50,6 +52,16 @@ fn plan(engine: &LocalEngine) -> BlendPlan {
     }
     .tokenize(engine.tokenizer())
     .unwrap()
+}
+
+/// The plan, and a stock (non-paged) engine's answer to its prompt, computed in full.
+async fn plan_and_stock_answer(source: ModelSource) -> (BlendPlan, Generation) {
+    let stock = LocalEngine::start(EngineOptions::new(source))
+        .await
+        .unwrap();
+    let plan = plan(&stock);
+    let expected = stock.complete(&plan.tokens, NEW_TOKENS).await.unwrap();
+    (plan, expected)
 }
 
 fn hook() -> (Arc<KvPluginHook>, Arc<ObjectPrefixStore>) {
@@ -183,12 +195,7 @@ async fn full_recompute_and_moved_keys_match_the_prefill_on_safetensors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blend_recomputes_its_share_loads_from_the_store_and_stays_out_of_exact_caches() {
-    let stock = LocalEngine::start(EngineOptions::new(ModelSource::Gguf(gguf_path())))
-        .await
-        .unwrap();
-    let plan = plan(&stock);
-    let expected = stock.complete(&plan.tokens, NEW_TOKENS).await.unwrap();
-    drop(stock);
+    let (plan, expected) = plan_and_stock_answer(ModelSource::Gguf(gguf_path())).await;
 
     let (hook, store) = hook();
     // The engine's own prefix cache is on: a blended sequence must not enter it.
@@ -248,5 +255,48 @@ async fn a_blend_recomputes_its_share_loads_from_the_store_and_stays_out_of_exac
         "the engine served the blended prompt from its own cache: {m:?}"
     );
     assert!(m.hit_tokens as usize <= plan.prefix_len, "{m:?}");
+    assert_eq!(plain.tokens, expected.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blend_on_a_paged_engine_fills_blocks_that_never_enter_the_block_pool() {
+    // The blend goes through the block path like a load: ratio 1 answers as a non-paged
+    // prefill, its rows up to the last block boundary come from the blend, and none of its
+    // blocks (the documents start at row 18, inside the first block) are registered: the same
+    // prompt sent again finds nothing in the block pool.
+    let source = ModelSource::HfDir(hf_dir());
+    let (plan, expected) = plan_and_stock_answer(source.clone()).await;
+
+    let (hook, _store) = hook();
+    let engine = LocalEngine::start(
+        EngineOptions {
+            paged: Some(PagedOptions::room_for(plan.tokens.len() + NEW_TOKENS, 32)),
+            ..EngineOptions::new(source)
+        }
+        .with_kv_hook(hook.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(hook.can_blend(), "the model file offers layer access");
+    hook.prepare_blend(&plan).await.unwrap();
+    hook.set_blend_config(config(1.0));
+    hook.expect_blend(plan.clone());
+    let blended = engine.complete(&plan.tokens, NEW_TOKENS).await.unwrap();
+    let n = plan.tokens.len();
+    let m = wait_for(&hook, 2, 0).await;
+    assert_eq!(m.blends, 1, "{m:?}");
+    assert_eq!(
+        m.last_reused_tokens as usize,
+        (n - 1) / 32 * 32,
+        "the blended rows filled whole blocks: {m:?}"
+    );
+    assert_eq!(blended.tokens, expected.tokens);
+
+    let plain = engine.complete(&plan.tokens, NEW_TOKENS).await.unwrap();
+    let m = wait_for(&hook, 3, 0).await;
+    assert_eq!(
+        m.last_reused_tokens, 0,
+        "the block pool served rows of the blended prompt: {m:?}"
+    );
     assert_eq!(plain.tokens, expected.tokens);
 }

@@ -73,6 +73,18 @@ pub struct PagedOptions {
     pub cache_tokens: usize,
 }
 
+impl PagedOptions {
+    /// Blocks of `block_size` tokens and a pool for two sequences of up to `tokens` tokens each
+    /// (prompt and answer) plus a margin for the chat template: room for one sequence running
+    /// while the blocks of the one before stay in the pool for prefix hits.
+    pub fn room_for(tokens: usize, block_size: usize) -> Self {
+        Self {
+            block_size,
+            cache_tokens: (tokens + 512).next_multiple_of(block_size) * 2,
+        }
+    }
+}
+
 impl Default for PagedOptions {
     /// Blocks of 32 tokens, room for 16,384 tokens (720 MiB with SmolLM2-135M in F32).
     fn default() -> Self {

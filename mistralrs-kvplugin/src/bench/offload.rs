@@ -14,6 +14,10 @@
 //!    prefix cache off, so every prompt goes to the store): question 2. Its TTFT is the store
 //!    hit; its answer is compared with the reference.
 //!
+//! With `--paged` every engine runs PagedAttention (the engine's block manager) on the CPU: the
+//! stock engine's second answer is its own block prefix hit, and store hits are installed into
+//! blocks (whole blocks after the engine's own hit; the rest of the prompt is prefilled).
+//!
 //! The stores are written under a fresh namespace that is deleted at the end. A local-disk
 //! store read right after it was written is served from the OS page cache: these are warm-cache
 //! figures.
@@ -37,7 +41,7 @@ use crate::{
     codec::Level,
     config::PluginConfig,
     corpus,
-    engine::{chat_prompt, EngineOptions, LocalEngine, ModelSource},
+    engine::{chat_prompt, EngineOptions, LocalEngine, ModelSource, PagedOptions},
     fingerprint::ModelFingerprint,
     hook::{HookConfig, KvPluginHook},
     model,
@@ -78,6 +82,12 @@ pub struct OffloadBenchArgs {
     /// level) as SVG into this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Run every engine with PagedAttention (the engine's block manager) on the CPU.
+    #[arg(long)]
+    paged: bool,
+    /// Tokens per block with `--paged` (8, 16 or 32).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
 }
 
 /// Results of one context length.
@@ -108,6 +118,7 @@ struct HitResult {
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
+    paged: bool,
     reps: usize,
     contexts: Vec<ContextResult>,
 }
@@ -125,6 +136,10 @@ struct FanOut(Vec<Arc<ObjectPrefixStore>>);
 
 #[async_trait]
 impl PrefixStore for FanOut {
+    fn chunk_tokens(&self) -> Option<usize> {
+        self.0.first().and_then(|store| store.chunk_tokens())
+    }
+
     async fn save(
         &self,
         model: &ModelFingerprint,
@@ -167,6 +182,15 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         .map(|n| Level::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown level `{n}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let source = ModelSource::HfDir(model::smollm2_hf(&model::models_dir()));
+    let longest = *args.contexts.iter().max().expect("not empty");
+    let paged = args
+        .paged
+        .then(|| PagedOptions::room_for(longest + args.max_new_tokens, args.block_size));
+    let options = |prefix_cache: bool| EngineOptions {
+        paged,
+        prefix_cache,
+        ..EngineOptions::new(source.clone())
+    };
     let text = corpus::text_or_default(args.text.as_deref())?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     let namespace = format!("kvplugin-bench-{stamp}");
@@ -192,7 +216,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
     }
 
     // Documents and prompts: [context][rep] -> (question 1, question 2).
-    let stock = LocalEngine::start(EngineOptions::new(source.clone())).await?;
+    let stock = LocalEngine::start(options(true)).await?;
     let mut prompts = Vec::new();
     for &context in &args.contexts {
         let document = stock.truncate_to_tokens(&text, context)?;
@@ -213,7 +237,11 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
         (prompts.len() * args.reps.max(1) * (3 + targets.len())) as u64,
         "bench offload",
     );
-    bar.say("== stock engine: full prefill, then its in-memory prefix hit");
+    bar.say(if args.paged {
+        "== stock engine (paged): full prefill, then its own block prefix hit"
+    } else {
+        "== stock engine: full prefill, then its in-memory prefix hit"
+    });
     let mut stock_full = vec![Vec::new(); prompts.len()];
     let mut stock_hit = vec![Vec::new(); prompts.len()];
     let mut reference = vec![Vec::new(); prompts.len()];
@@ -238,14 +266,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
     bar.say("== writer engine: cold prefill, cache saved to every store at every level");
     let fan_out = Arc::new(FanOut(targets.iter().map(|t| t.store.clone()).collect()));
     let writer_hook = Arc::new(KvPluginHook::new(fan_out, HookConfig::default()));
-    let writer = LocalEngine::start(
-        EngineOptions {
-            prefix_cache: false,
-            ..EngineOptions::new(source.clone())
-        }
-        .with_kv_hook(writer_hook.clone()),
-    )
-    .await?;
+    let writer = LocalEngine::start(options(false).with_kv_hook(writer_hook.clone())).await?;
     let mut plugin_cold = vec![Vec::new(); prompts.len()];
     // [context][target] -> (bytes stored, raw 16-bit bytes), summed over reps.
     let mut bytes = vec![vec![(0u64, 0u64); targets.len()]; prompts.len()];
@@ -289,14 +310,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
                 ..HookConfig::default()
             },
         ));
-        let reader = LocalEngine::start(
-            EngineOptions {
-                prefix_cache: false,
-                ..EngineOptions::new(source.clone())
-            }
-            .with_kv_hook(hook.clone()),
-        )
-        .await?;
+        let reader = LocalEngine::start(options(false).with_kv_hook(hook.clone())).await?;
         for (c, per_rep) in prompts.iter().enumerate() {
             let (mut ttfts, mut loads, mut matches, mut reused) = (Vec::new(), Vec::new(), 0, 0);
             for (rep, (_, q2)) in per_rep.iter().enumerate() {
@@ -348,6 +362,7 @@ async fn run_async(args: OffloadBenchArgs) -> anyhow::Result<()> {
 
     let report = Report {
         model: "SmolLM2-135M-Instruct (F32, CPU)".into(),
+        paged: args.paged,
         reps: args.reps,
         contexts: prompts
             .iter()
@@ -408,8 +423,13 @@ fn secs(d: Duration) -> f64 {
 
 fn print_table(report: &Report) {
     println!(
-        "\nTTFT in seconds, median of {} runs (SmolLM2-135M F32, this machine)",
-        report.reps
+        "\nTTFT in seconds, median of {} runs (SmolLM2-135M F32, this machine{})",
+        report.reps,
+        if report.paged {
+            "; every engine paged: the memory hit is the block pool's"
+        } else {
+            ""
+        }
     );
     println!(
         "| prompt tokens | stock full prefill | stock memory hit | plugin cold (miss + save) | store | level | store hit | vs memory hit | vs full | MB stored / MB 16-bit | answers = stock |"
@@ -448,11 +468,14 @@ fn plot(report: &Report) -> super::plot::LinePlot {
             .filter_map(|c| y(c).map(|y| (c.prompt_tokens as f64, y)))
             .collect(),
     };
+    let own_hit = if report.paged {
+        "stock: block prefix hit"
+    } else {
+        "stock: in-memory prefix hit"
+    };
     let mut series = vec![
         line("stock: full prefill", &|c| Some(c.stock_full_prefill_s)),
-        line("stock: in-memory prefix hit", &|c| {
-            Some(c.stock_memory_hit_s)
-        }),
+        line(own_hit, &|c| Some(c.stock_memory_hit_s)),
     ];
     let mut seen = Vec::new();
     for hit in report.contexts.iter().flat_map(|c| &c.hits) {
@@ -470,8 +493,10 @@ fn plot(report: &Report) -> super::plot::LinePlot {
     }
     LinePlot {
         title: format!(
-            "Time to first token ({}, medians of {})",
-            report.model, report.reps
+            "Time to first token ({}{}, medians of {})",
+            report.model,
+            if report.paged { ", paged" } else { "" },
+            report.reps
         ),
         x_label: "prompt tokens".into(),
         y_label: "TTFT, seconds (log)".into(),

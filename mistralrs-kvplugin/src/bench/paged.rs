@@ -136,15 +136,12 @@ async fn run_async(args: PagedBenchArgs) -> anyhow::Result<()> {
     };
     let text = corpus::text_or_default(args.text.as_deref())?;
     let longest = *args.contexts.iter().max().expect("not empty");
-    // One sequence at a time, plus the question and the answer, with a margin for the chat
-    // template; the pool keeps every run's blocks until they are reused.
-    let cache_tokens = (longest + args.decode_tokens + 512).next_multiple_of(args.block_size) * 2;
     let non_paged = LocalEngine::start(EngineOptions::new(source.clone())).await?;
     let paged = LocalEngine::start(EngineOptions {
-        paged: Some(PagedOptions {
-            block_size: args.block_size,
-            cache_tokens,
-        }),
+        paged: Some(PagedOptions::room_for(
+            longest + args.decode_tokens,
+            args.block_size,
+        )),
         ..EngineOptions::new(source.clone())
     })
     .await?;

@@ -4,7 +4,9 @@
 //! in-memory prefix hit). Then plugin engine 1 answers question 1 from cold and saves the cache,
 //! chunked and compressed, to a local-disk store; a fresh plugin engine 2, sharing only that
 //! folder, answers question 2 with a store hit. Its answer is compared with the stock engine's.
-//! The demo starts from an empty store folder (it deletes its own folder first).
+//! The demo starts from an empty store folder (it deletes its own folder first). With `--paged`
+//! every engine runs PagedAttention (the block manager): the stock engine's second answer is its
+//! own block prefix hit, and the store hit is installed into blocks.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -14,7 +16,7 @@ use serde::Serialize;
 use crate::{
     codec::Level,
     corpus,
-    engine::{document_prompt, EngineOptions, LocalEngine},
+    engine::{document_prompt, EngineOptions, LocalEngine, PagedOptions},
     hook::{HookConfig, KvPluginHook},
     model,
     store::{ObjectPrefixStore, ObjectStoreConfig},
@@ -37,6 +39,12 @@ pub struct DemoArgs {
     /// Codec level of the stored chunks (the store's default: `high`).
     #[arg(long, default_value = "high")]
     level: String,
+    /// Run every engine with PagedAttention (the engine's block manager) on the CPU.
+    #[arg(long)]
+    paged: bool,
+    /// Tokens per block with `--paged` (8, 16 or 32).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,6 +57,7 @@ struct DemoReport {
     bytes_raw_16bit: u64,
     bytes_stored: u64,
     answers_match_stock: bool,
+    paged: bool,
 }
 
 /// How long the demo waits for a save or a finished sequence to be reported.
@@ -67,9 +76,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let source = model::shipped_source(&args.model)?;
     let text = corpus::text_or_default(args.document.text.as_deref())?;
+    let paged = args.paged.then(|| {
+        PagedOptions::room_for(
+            args.document.tokens + args.document.max_new_tokens,
+            args.block_size,
+        )
+    });
+    let options = || EngineOptions {
+        paged,
+        ..EngineOptions::new(source.clone())
+    };
 
-    println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
-    let stock = LocalEngine::start(EngineOptions::new(source.clone())).await?;
+    if args.paged {
+        println!("== stock engine (no plugin, paged): cold, then its own block prefix hit");
+    } else {
+        println!("== stock engine (no plugin): cold, then an in-memory prefix hit");
+    }
+    let stock = LocalEngine::start(options()).await?;
     let document = stock.truncate_to_tokens(&text, args.document.tokens)?;
     let prompt_1 = stock.encode(&document_prompt(&document, QUESTION_1))?;
     let prompt_2 = stock.encode(&document_prompt(&document, QUESTION_2))?;
@@ -105,8 +128,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     )?);
     println!("== plugin engine 1: question 1 from cold, cache saved to the store");
     let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
-    let engine_1 =
-        LocalEngine::start(EngineOptions::new(source.clone()).with_kv_hook(hook_1.clone())).await?;
+    let engine_1 = LocalEngine::start(options().with_kv_hook(hook_1.clone())).await?;
     let cold = engine_1
         .complete(&prompt_1, args.document.max_new_tokens)
         .await?;
@@ -120,8 +142,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("== plugin engine 2 (fresh, shares only the store): question 2");
     let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
-    let engine_2 =
-        LocalEngine::start(EngineOptions::new(source).with_kv_hook(hook_2.clone())).await?;
+    let engine_2 = LocalEngine::start(options().with_kv_hook(hook_2.clone())).await?;
     let hit = engine_2
         .complete(&prompt_2, args.document.max_new_tokens)
         .await?;
@@ -150,6 +171,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         bytes_raw_16bit: bytes_raw,
         bytes_stored,
         answers_match_stock: hit.text == stock_2.text,
+        paged: args.paged,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(path) = args.json {

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use crate::{config::PluginConfig, model, server};
+use crate::{config::PluginConfig, engine::PagedOptions, model, server};
 
 /// Arguments of `kvplugin serve` (named like mistral.rs's own server where they overlap).
 #[derive(Debug, Args)]
@@ -47,6 +47,14 @@ pub struct ServeArgs {
     /// Seconds a stop waits for the plugin's saves in flight.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// Run PagedAttention (the engine's block manager and block prefix cache) with a pool of
+    /// this many tokens, all sequences together, allocated up front (SmolLM2-135M in F32: 46,080
+    /// bytes per token); unset: the non-paged path.
+    #[arg(long)]
+    paged_cache_tokens: Option<usize>,
+    /// Tokens per block with `--paged-cache-tokens` (8, 16 or 32).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
 }
 
 /// Runs the command.
@@ -85,6 +93,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         no_prefix_cache: args.no_prefix_cache,
         admin_token: args.admin_token,
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        paged: args.paged_cache_tokens.map(|cache_tokens| PagedOptions {
+            block_size: args.block_size,
+            cache_tokens,
+        }),
     };
     tokio::runtime::Runtime::new()?.block_on(server::serve(options))
 }

@@ -53,7 +53,7 @@ use object_store::ObjectStore;
 
 use crate::{
     config::PluginConfig,
-    engine::{build_runner, EngineOptions, ModelSource},
+    engine::{build_runner, EngineOptions, ModelSource, PagedOptions},
     hook::KvPluginHook,
     store::{
         admin::{self, GcPolicy},
@@ -82,6 +82,8 @@ pub struct ServeOptions {
     pub admin_token: Option<String>,
     /// How long a stop waits for saves in flight.
     pub drain_timeout: Duration,
+    /// PagedAttention (the engine's block manager) with this pool; `None`: the non-paged path.
+    pub paged: Option<PagedOptions>,
 }
 
 /// What the handlers share.
@@ -169,6 +171,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     engine.prefix_cache = !options.no_prefix_cache;
     engine.prefix_cache_n = Some(options.prefix_cache_n);
     engine.model_id = Some(options.served_model_name.clone());
+    engine.paged = options.paged;
     if let Some((hook, _, _)) = &plugin {
         engine = engine.with_kv_hook(hook.clone());
     }
