@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use mistralrs_core::{KvPrefix, LayerKv};
 use mistralrs_kvplugin::{
-    codec::Level,
-    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore, SaveOutcome, StoreError},
+    codec::{Level, SINK_TOKENS},
+    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore, SaveOutcome, StoreError, StoreKey},
     ModelFingerprint,
 };
 use object_store::{path::Path, ObjectStore};
@@ -126,6 +126,7 @@ pub async fn behaviour_suite(
     assert_eq!(hit.tokens, saved_tokens);
     assert_eq!(max_diff(&hit, &saved, 200), 0.0);
     assert_eq!(hit.layers[0].k.dims(), &[1, HEADS, 200, DIM]);
+    assert_eq!(hit.approximate_from, None);
 
     // Saving again writes nothing.
     assert_eq!(
@@ -216,6 +217,9 @@ pub async fn behaviour_suite(
     // and the default level's largest step is 0.5.
     let d = max_diff(&hit, &saved, 200);
     assert!(d > 0.0 && d <= 3.0 * 0.5 / 2.0 * 1.01, "lossy error {d}");
+    // Marked approximate from the first lossy row (the first token is stored exactly); an exact
+    // hit is marked exact.
+    assert_eq!(hit.approximate_from, Some(SINK_TOKENS));
 
     // A damaged object is an error, never a wrong answer or a panic.
     let objects: Vec<_> = {
@@ -227,9 +231,135 @@ pub async fn behaviour_suite(
         .map(|o| o.location.clone())
         .find(|p| p.as_ref().contains("/c-") && p.as_ref().ends_with(".lossless"))
         .expect("a lossless chunk");
+    assert!(victim.as_ref().contains("/c-0-"), "{victim}");
     damage_last_byte(&*backend, &victim, 0xff).await;
     match store.load(&m, &prompt, 0).await {
         Err(StoreError::Codec(_)) | Err(StoreError::Corrupt { .. }) => {}
         other => panic!("damaged object gave {other:?}"),
     }
+    assert_eq!(count(&store.counters().objects_corrupt), 1);
+
+    // The load remembered it: the next save of its chain replaces it (an intact chunk would be
+    // left alone), and the whole prefix hits again.
+    store.save(&m, saved.clone()).await.unwrap();
+    assert_eq!(count(&store.counters().objects_repaired), 1);
+    let hit = store.load(&m, &prompt, 0).await.unwrap().expect("repaired");
+    assert_eq!(hit.tokens.len(), 200);
+    assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+
+    // A damaged later chunk ends the hit where it starts: the chunk before it is used.
+    let second = objects
+        .iter()
+        .map(|o| o.location.clone())
+        .find(|p| p.as_ref().contains("/c-1-") && p.as_ref().ends_with(".lossless"))
+        .expect("the second lossless chunk");
+    damage_last_byte(&*backend, &second, 0x01).await;
+    let hit = store
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("first chunk");
+    assert_eq!(hit.tokens, saved_tokens[..CHUNK]);
+    assert_eq!(max_diff(&hit, &saved, CHUNK), 0.0);
+    assert_eq!(count(&store.counters().objects_corrupt), 2);
+
+    keyed_suite(backend).await;
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Stores with a deployment key: sealed objects, keyed names, forgeries refused and repaired.
+async fn keyed_suite(backend: Arc<dyn ObjectStore>) {
+    const NAMESPACE: &str = "keyed";
+    let store = |secret: Option<&str>| {
+        ObjectPrefixStore::new(
+            backend.clone(),
+            ObjectStoreConfig {
+                namespace: NAMESPACE.into(),
+                chunk_tokens: CHUNK,
+                level: Level::Lossless,
+                key: secret.map(|s| Arc::new(StoreKey::from_secret(s.as_bytes()).unwrap())),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let secret = "the deployment's shared secret";
+    let m = model(1);
+    let saved_tokens = tokens(200, 11);
+    let saved = prefix(&saved_tokens, 1.0);
+    let mut prompt = saved_tokens.clone();
+    prompt.push(4);
+
+    let writer = store(Some(secret));
+    writer.save(&m, saved.clone()).await.unwrap();
+    // Another process with the same secret finds everything, exactly.
+    let reader = store(Some(secret));
+    let hit = reader
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("keyed hit");
+    assert_eq!(hit.tokens, saved_tokens);
+    assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+    // Another secret, or none: the names are keyed, so there is nothing to find (not even a
+    // way to test whether the prompt was seen), and nothing is counted as bad.
+    for stranger in [store(Some("another tenant's secret")), store(None)] {
+        assert!(stranger.load(&m, &prompt, 0).await.unwrap().is_none());
+        assert_eq!(count(&stranger.counters().objects_refused), 0);
+    }
+
+    // A writer without the secret who can list the bucket plants its own object (a valid
+    // checksum, the right tokens, other values) under the name of the keyed second chunk.
+    let second_chunk = |listed: Vec<Path>| -> Path {
+        listed
+            .into_iter()
+            .find(|p| p.as_ref().rsplit('/').next().unwrap().starts_with("c-1-"))
+            .expect("a second chunk")
+    };
+    let ours = second_chunk(list(&*backend, NAMESPACE).await);
+    let keyless = store(None);
+    keyless.save(&m, prefix(&saved_tokens, 9.0)).await.unwrap();
+    let theirs = second_chunk(
+        list(&*backend, NAMESPACE)
+            .await
+            .into_iter()
+            .filter(|p| p != &ours)
+            .collect(),
+    );
+    let plant = backend.get(&theirs).await.unwrap().bytes().await.unwrap();
+    backend.put(&ours, plant.into()).await.unwrap();
+
+    // Refused before decoding: the hit ends at the first chunk, the refusal is counted.
+    let hit = reader
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("first chunk");
+    assert_eq!(hit.tokens, saved_tokens[..CHUNK]);
+    assert_eq!(max_diff(&hit, &saved, CHUNK), 0.0);
+    assert_eq!(count(&reader.counters().objects_refused), 1);
+    // The reader's next save of the chain replaces the plant.
+    reader.save(&m, saved.clone()).await.unwrap();
+    assert_eq!(count(&reader.counters().objects_repaired), 1);
+    let hit = reader
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("repaired");
+    assert_eq!(hit.tokens, saved_tokens);
+    assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+}
+
+/// Every object under `namespace`.
+async fn list(backend: &dyn ObjectStore, namespace: &str) -> Vec<Path> {
+    use futures::TryStreamExt;
+    backend
+        .list(Some(&Path::from(namespace)))
+        .map_ok(|o| o.location)
+        .try_collect()
+        .await
+        .unwrap()
 }

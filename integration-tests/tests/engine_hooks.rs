@@ -7,7 +7,10 @@
 //! - A misbehaving hook (panics, hangs, returns a wrong prefix) costs a recompute, never a wrong
 //!   answer or a stuck engine.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
@@ -395,4 +398,65 @@ async fn a_store_slower_than_the_load_timeout_costs_a_recompute_counted_as_a_tim
         "{b:?}"
     );
     assert_eq!(b.last_reused_tokens, 0, "recomputed from text");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_hit_is_approximate_and_neither_saved_again_nor_kept_by_the_engine() {
+    use mistralrs_kvplugin::{
+        codec::Level,
+        store::{ObjectPrefixStore, ObjectStoreConfig},
+    };
+    let stock = LocalEngine::start(gguf_options()).await.unwrap();
+    let doc = document(&stock, DOC_TOKENS);
+    let prompt_a = question_prompt(&stock, &doc, "Who may copy this license?");
+    let prompt_b = question_prompt(&stock, &doc, "What does the license say about patents?");
+    drop(stock);
+    let store = Arc::new(
+        ObjectPrefixStore::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            ObjectStoreConfig {
+                chunk_tokens: 64,
+                level: Level::Coarse,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let hook = || {
+        Arc::new(KvPluginHook::new(
+            store.clone() as Arc<dyn PrefixStore>,
+            HookConfig::default(),
+        ))
+    };
+    let hook_a = hook();
+    let engine_a = LocalEngine::start(gguf_options().with_kv_hook(hook_a.clone()))
+        .await
+        .unwrap();
+    engine_a.complete(&prompt_a, NEW_TOKENS).await.unwrap();
+    assert_eq!(wait_for(&hook_a, 1, 1).await.saves, 1);
+    drop(engine_a);
+    let written = store.counters().bytes_written.load(Ordering::Relaxed);
+
+    // Engine B loads the coarse chunks: a hit, marked approximate, so the engine keeps the
+    // sequence out of its own prefix cache and offers its cache marked approximate; the hook
+    // keeps only its exact rows (the first token), too few to save.
+    let hook_b = hook();
+    let engine_b = LocalEngine::start(gguf_options().with_kv_hook(hook_b.clone()))
+        .await
+        .unwrap();
+    engine_b.complete(&prompt_b, NEW_TOKENS).await.unwrap();
+    wait_for(&hook_b, 1, 0).await;
+    // The same prompt again: not the engine's own prefix hit (an approximate cache never enters
+    // it), but the store's lossy chunks again.
+    engine_b.complete(&prompt_b, NEW_TOKENS).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = hook_b.metrics().snapshot();
+    assert_eq!((b.lookups, b.hits), (2, 2), "{b:?}");
+    assert_eq!(b.engine_prefix_hits, 0, "{b:?}");
+    assert_eq!(b.saves + b.save_failures, 0, "{b:?}");
+    assert_eq!(
+        store.counters().bytes_written.load(Ordering::Relaxed),
+        written,
+        "nothing of the lossy sequences was written back"
+    );
 }

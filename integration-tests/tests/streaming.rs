@@ -9,7 +9,7 @@ use integration_tests::store_suite::{
 };
 use mistralrs_core::KvPrefix;
 use mistralrs_kvplugin::{
-    codec::Level,
+    codec::{Level, SINK_TOKENS},
     store::{
         BandwidthTrace, ObjectPrefixStore, ObjectStoreConfig, PrefixStore, ShapedStore, TraceClock,
     },
@@ -93,6 +93,7 @@ async fn a_fast_link_streams_every_chunk_at_the_best_level_equal_to_a_whole_load
     let hit = loaded.prefix.expect("a hit");
     assert_eq!(hit.tokens, f.prompt[..SAVED]);
     assert_eq!(max_diff(&hit, &f.saved, SAVED), 0.0, "lossless is exact");
+    assert_eq!(hit.approximate_from, None, "and marked exact");
     let whole = store
         .load_at(&f.model, &f.prompt, 0, Level::Lossless)
         .await
@@ -122,6 +123,10 @@ async fn fixed_levels_load_what_they_name_and_planned_choices_replay_a_load() {
     let coarse_hit = coarse.prefix.expect("hit");
     assert_eq!(max_diff(&coarse_hit, &whole, SAVED), 0.0);
     assert!(max_diff(&coarse_hit, &f.saved, SAVED) > 0.0);
+    // Lossy rows are never handed out as exact: both loads are approximate after the first
+    // token (the attention sink, stored exactly at every level).
+    assert_eq!(coarse_hit.approximate_from, Some(SINK_TOKENS));
+    assert_eq!(whole.approximate_from, Some(SINK_TOKENS));
 
     // A mixed plan: two exact chunks, one coarse, then text.
     let plan = vec![
@@ -138,6 +143,11 @@ async fn fixed_levels_load_what_they_name_and_planned_choices_replay_a_load() {
     let hit = mixed.prefix.expect("hit");
     assert_eq!(hit.tokens.len(), 3 * CHUNK);
     assert_eq!(max_diff(&hit, &f.saved, 2 * CHUNK), 0.0);
+    assert_eq!(
+        hit.approximate_from,
+        Some(2 * CHUNK),
+        "exact up to the coarse chunk"
+    );
     let third = |p: &KvPrefix| p.layers[0].k.narrow(2, 2 * CHUNK, CHUNK).unwrap();
     assert_eq!(
         max_abs(&(third(&hit) - third(&coarse_hit)).unwrap()),

@@ -21,6 +21,8 @@
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //! allow_http = true
 //! request_timeout_ms = 5000
+//! key_file = "/etc/kvplugin/key"      # the deployment's secret: objects sealed with a MAC, names
+//!                                      # keyed (a shared bucket needs one; `kvplugin store keygen`)
 //! max_bytes = "20G"                    # optional bound: the GC deletes the oldest chains beyond it
 //! ttl = "7d"                           # optional: chains not extended for this long are deleted
 //! gc_grace = "10m"                     # never delete what is younger (saves in progress)
@@ -49,7 +51,9 @@
 //!
 //! Environment overrides (applied by [`PluginConfig::apply_env`]): `KVPLUGIN_STORE_URL`,
 //! `KVPLUGIN_S3_ENDPOINT`, `KVPLUGIN_S3_ALLOW_HTTP`, `KVPLUGIN_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-//! `KVPLUGIN_LEVEL`, `KVPLUGIN_CHUNK_TOKENS`, `KVPLUGIN_NAMESPACE`.
+//! `KVPLUGIN_LEVEL`, `KVPLUGIN_CHUNK_TOKENS`, `KVPLUGIN_NAMESPACE`, `KVPLUGIN_STORE_KEY_FILE`, and
+//! `KVPLUGIN_STORE_KEY` (the secret itself, for containers that pass secrets as variables; it
+//! wins over a key file).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -57,12 +61,13 @@ use object_store::{
     aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, ClientOptions, ObjectStore,
     RetryConfig,
 };
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use crate::{
     codec::Level,
     hook::HookConfig,
-    store::{ObjectPrefixStore, ObjectStoreConfig},
+    store::{ObjectPrefixStore, ObjectStoreConfig, StoreKey},
     stream::{PlannerInputs, PrefillModel, StreamPolicy},
 };
 
@@ -184,6 +189,9 @@ pub struct StoreSettings {
     pub gc_grace: String,
     /// How often `kvplugin serve` runs the GC when `max_bytes` or `ttl` is set.
     pub sweep_interval: String,
+    /// A file holding the deployment's secret (see [`crate::store::seal`]). Unset: objects
+    /// carry checksums only, which stop accidents, not writers.
+    pub key_file: Option<String>,
 }
 
 impl Default for StoreSettings {
@@ -200,6 +208,7 @@ impl Default for StoreSettings {
             ttl: None,
             gc_grace: "10m".into(),
             sweep_interval: "10m".into(),
+            key_file: None,
         }
     }
 }
@@ -235,6 +244,10 @@ pub struct PluginConfig {
     /// Blended lookups (CacheBlend): selection steps, deviation, document-cache memory,
     /// separator (see [`crate::blend::BlendConfig`]).
     pub blend: crate::blend::BlendConfig,
+    /// The secret from `KVPLUGIN_STORE_KEY` (never from the file: secrets do not belong in a
+    /// config file; `store.key_file` points at one).
+    #[serde(skip)]
+    pub store_key: Option<Arc<StoreKey>>,
 }
 
 impl Default for PluginConfig {
@@ -255,6 +268,7 @@ impl Default for PluginConfig {
             read_only: hook.read_only,
             stream: None,
             blend: hook.blend,
+            store_key: None,
         }
     }
 }
@@ -288,6 +302,15 @@ impl PluginConfig {
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = env("KVPLUGIN_STORE_URL") {
             self.store.url = v;
+        }
+        if let Some(v) = env("KVPLUGIN_STORE_KEY_FILE") {
+            self.store.key_file = Some(v);
+        }
+        if let Some(v) = env("KVPLUGIN_STORE_KEY") {
+            let secret = secrecy::SecretString::from(v);
+            let key = StoreKey::from_secret(secret.expose_secret().as_bytes())
+                .map_err(|e| bad("KVPLUGIN_STORE_KEY", e.to_string()))?;
+            self.store_key = Some(Arc::new(key));
         }
         if let Some(v) = env("KVPLUGIN_S3_ENDPOINT") {
             self.store.endpoint = Some(v);
@@ -463,9 +486,26 @@ impl PluginConfig {
                 level: self.level()?,
                 extra_levels: self.extra_levels()?,
                 fetch_concurrency: self.fetch_concurrency,
+                key: self.key()?,
             },
         )
         .map_err(|e| bad("store", e.to_string()))
+    }
+
+    /// The deployment's key: `KVPLUGIN_STORE_KEY`'s, else `store.key_file`'s, else none.
+    pub fn key(&self) -> Result<Option<Arc<StoreKey>>, ConfigError> {
+        if let Some(key) = &self.store_key {
+            return Ok(Some(key.clone()));
+        }
+        self.store
+            .key_file
+            .as_deref()
+            .map(|path| {
+                StoreKey::from_file(Path::new(path))
+                    .map(Arc::new)
+                    .map_err(|e| bad("store.key_file", e.to_string()))
+            })
+            .transpose()
     }
 
     /// The GC policy of `[store]` (`max_bytes`, `ttl`, `gc_grace`).
@@ -635,5 +675,40 @@ mod tests {
             .apply_env(|k| (k == "KVPLUGIN_CHUNK_TOKENS").then(|| "x".to_string()))
             .unwrap_err();
         assert_eq!(err.field, "chunk_tokens");
+    }
+
+    #[test]
+    fn a_key_comes_from_the_environment_or_a_file_and_bad_ones_name_their_source() {
+        let dir = std::env::temp_dir().join(format!("kvplugin-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let mut c = PluginConfig::from_toml_str(&format!(
+            "[store]\nurl = \"memory://\"\nkey_file = \"{}\"",
+            file.display()
+        ))
+        .unwrap();
+        let from_file = c.key().unwrap().expect("the file's key");
+        assert!(c.build_store().is_ok());
+        // The variable wins over the file; the same secret is the same key.
+        c.apply_env(|k| {
+            (k == "KVPLUGIN_STORE_KEY").then(|| "0123456789abcdef0123456789abcdef".into())
+        })
+        .unwrap();
+        assert_eq!(*c.key().unwrap().unwrap(), *from_file);
+        c.apply_env(|k| (k == "KVPLUGIN_STORE_KEY").then(|| "another secret, long enough".into()))
+            .unwrap();
+        assert_ne!(*c.key().unwrap().unwrap(), *from_file);
+        // Printing the config never shows the secret.
+        assert!(!format!("{c:?}").contains("another secret"));
+
+        let err = c
+            .apply_env(|k| (k == "KVPLUGIN_STORE_KEY").then(|| "short".into()))
+            .unwrap_err();
+        assert_eq!(err.field, "KVPLUGIN_STORE_KEY");
+        let mut missing = PluginConfig::default();
+        missing.store.key_file = Some(dir.join("nope").display().to_string());
+        assert_eq!(missing.key().unwrap_err().field, "store.key_file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

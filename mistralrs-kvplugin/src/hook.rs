@@ -448,6 +448,7 @@ impl KvPluginHook {
             "denied" => self.metrics.failures_denied(1),
             "backend" | "missing" => self.metrics.failures_backend(1),
             "timeout" => self.metrics.failures_timeout(1),
+            "unauthenticated" => self.metrics.failures_unauthenticated(1),
             _ => self.metrics.failures_corrupt(1),
         }
     }

@@ -17,6 +17,7 @@ pub struct Metrics {
     failures_backend: AtomicU64,
     failures_denied: AtomicU64,
     failures_corrupt: AtomicU64,
+    failures_unauthenticated: AtomicU64,
     failures_timeout: AtomicU64,
     load_micros: AtomicU64,
     stream_loads: AtomicU64,
@@ -72,6 +73,9 @@ pub struct MetricsSnapshot {
     pub failures_denied: u64,
     /// Failures because an object was corrupt, for another model, or of an unknown version.
     pub failures_corrupt: u64,
+    /// Failures because an object's seal did not hold: written without the deployment's key,
+    /// under another key, or moved to another name (`crate::store::seal`).
+    pub failures_unauthenticated: u64,
     /// Lookups that took longer than the load timeout.
     pub failures_timeout: u64,
     /// Time spent in lookups that hit (finding, fetching, decoding), in microseconds.
@@ -174,6 +178,7 @@ counters!(
     failures_backend,
     failures_denied,
     failures_corrupt,
+    failures_unauthenticated,
     failures_timeout,
     load_micros,
     stream_loads,

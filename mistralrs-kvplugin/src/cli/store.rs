@@ -1,5 +1,5 @@
 //! `kvplugin store`: what a store holds, removal and garbage collection (see
-//! [`crate::store::admin`]).
+//! [`crate::store::admin`]), and a deployment key (see [`crate::store::seal`]).
 
 use std::{path::PathBuf, time::SystemTime};
 
@@ -58,10 +58,20 @@ enum StoreCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write a new random deployment secret (256 bits, hex) to a file readable by its owner
+    /// only: point `[store] key_file` (or KVPLUGIN_STORE_KEY_FILE) of every process that shares
+    /// the cache at it. Never overwrites a file.
+    Keygen {
+        /// Where to write it.
+        path: PathBuf,
+    },
 }
 
 /// Runs the command.
 pub fn run(args: StoreArgs) -> anyhow::Result<()> {
+    if let StoreCommand::Keygen { path } = &args.command {
+        return keygen(path);
+    }
     let config = match &args.config {
         Some(path) => PluginConfig::load(path)?,
         None => {
@@ -71,6 +81,33 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
         }
     };
     tokio::runtime::Runtime::new()?.block_on(run_async(args, config))
+}
+
+fn keygen(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::{fmt::Write as _, io::Write as _};
+    let mut secret = secrecy::SecretBox::new(Box::new([0u8; 32]));
+    getrandom::fill(secrecy::ExposeSecretMut::expose_secret_mut(&mut secret))
+        .map_err(|e| anyhow::anyhow!("no randomness from the system: {e}"))?;
+    // Zeroed on drop, like the secret.
+    let mut text = secrecy::zeroize::Zeroizing::new(String::with_capacity(65));
+    for b in secrecy::ExposeSecret::expose_secret(&secret) {
+        write!(text, "{b:02x}").expect("writing to a string");
+    }
+    text.push('\n');
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    eprintln!(
+        "store keygen: wrote a new secret to {} (mode 600); set `[store] key_file` to it",
+        path.display()
+    );
+    Ok(())
 }
 
 async fn run_async(args: StoreArgs, config: PluginConfig) -> anyhow::Result<()> {
@@ -122,6 +159,8 @@ async fn run_async(args: StoreArgs, config: PluginConfig) -> anyhow::Result<()> 
                 );
             }
         }
+        // Handled before a config is read (it needs none).
+        StoreCommand::Keygen { path } => keygen(&path)?,
         StoreCommand::Rm {
             model,
             all: _,

@@ -474,6 +474,9 @@ fn store_traffic(store: &ObjectPrefixStore) -> prometheus::StoreTraffic {
     prometheus::StoreTraffic {
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
+        objects_refused: c.objects_refused.load(Ordering::Relaxed),
+        objects_corrupt: c.objects_corrupt.load(Ordering::Relaxed),
+        objects_repaired: c.objects_repaired.load(Ordering::Relaxed),
     }
 }
 
@@ -485,6 +488,9 @@ async fn stats(State(state): State<AppState>) -> Response {
             "kind": state.store_kind,
             "bytes_read": traffic.bytes_read,
             "bytes_written": traffic.bytes_written,
+            "objects_refused": traffic.objects_refused,
+            "objects_corrupt": traffic.objects_corrupt,
+            "objects_repaired": traffic.objects_repaired,
             "compression_ratio": s.counters().compression_ratio(),
         })
     });
@@ -709,7 +715,10 @@ mod tests {
         for name in &chain {
             backend
                 .put(
-                    &Path::from(format!("kv/v2/{model}/{name}")),
+                    &Path::from(format!(
+                        "kv/{}/{model}/{name}",
+                        crate::store::layout::LAYOUT_VERSION
+                    )),
                     vec![0u8; 100].into(),
                 )
                 .await

@@ -27,6 +27,12 @@ pub struct StoreTraffic {
     pub bytes_read: u64,
     /// Object bytes written.
     pub bytes_written: u64,
+    /// Objects loads refused (seal), found corrupt, and repaired by a save.
+    pub objects_refused: u64,
+    /// See `objects_refused`.
+    pub objects_corrupt: u64,
+    /// See `objects_refused`.
+    pub objects_repaired: u64,
 }
 
 /// Everything one scrape reports.
@@ -111,6 +117,20 @@ pub fn encode(scrape: &Scrape<'_>) -> String {
             Unit::Bytes,
             labelled(&[("store", kind, traffic.bytes_written)]),
         );
+        r.register(
+            "store_bad_objects",
+            "Store objects a load found bad, by problem: refused (no MAC of this deployment's key, \
+             or moved to another name) or corrupt; each ends its hit where it starts",
+            labelled(&[
+                ("problem", "refused", traffic.objects_refused),
+                ("problem", "corrupt", traffic.objects_corrupt),
+            ]),
+        );
+        r.register(
+            "store_repaired_objects",
+            "Bad store objects a save has overwritten",
+            counter(traffic.objects_repaired),
+        );
     }
     if let Some((objects, bytes)) = scrape.gc_deleted {
         r.register(
@@ -184,6 +204,7 @@ fn register_hook(r: &mut Registry, m: &MetricsSnapshot) {
             ("reason", "backend", m.failures_backend),
             ("reason", "denied", m.failures_denied),
             ("reason", "corrupt", m.failures_corrupt),
+            ("reason", "unauthenticated", m.failures_unauthenticated),
             ("reason", "timeout", m.failures_timeout),
         ]),
     );
@@ -326,6 +347,9 @@ mod tests {
                 StoreTraffic {
                     bytes_read: 10,
                     bytes_written: 20,
+                    objects_refused: 3,
+                    objects_corrupt: 0,
+                    objects_repaired: 2,
                 },
             )),
             uptime_s: 1.0,
@@ -348,6 +372,17 @@ mod tests {
         assert_eq!(
             sample(&text, "kvplugin_stream_decisions_total{level=\"high\"}"),
             Some(5.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kvplugin_store_bad_objects_total{problem=\"refused\"}"
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "kvplugin_store_repaired_objects_total"),
+            Some(2.0)
         );
         // Buckets are cumulative in the output.
         assert_eq!(

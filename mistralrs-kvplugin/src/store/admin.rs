@@ -543,7 +543,10 @@ mod tests {
             level: Level::High,
         };
         StoredObject {
-            path: Path::from(format!("kv/v2/{model}/{name}")),
+            path: Path::from(format!(
+                "kv/{}/{model}/{name}",
+                crate::store::layout::LAYOUT_VERSION
+            )),
             model: model.into(),
             name: Some(name),
             legacy: false,
@@ -559,7 +562,10 @@ mod tests {
             level: Level::Lossless,
         };
         StoredObject {
-            path: Path::from(format!("kv/v2/{model}/{name}")),
+            path: Path::from(format!(
+                "kv/{}/{model}/{name}",
+                crate::store::layout::LAYOUT_VERSION
+            )),
             model: model.into(),
             name: Some(name),
             legacy: false,

@@ -6,11 +6,12 @@ use std::fmt;
 use crate::codec::Level;
 
 /// The path segment after the namespace. `v1` (before chunk names carried their parent and
-/// index) is no longer read; the GC removes its objects.
-pub const LAYOUT_VERSION: &str = "v2";
+/// index) and `v2` (objects without a seal, see [`super::seal`]) are no longer read; the GC
+/// removes their objects.
+pub const LAYOUT_VERSION: &str = "v3";
 
 /// The layout versions that came before [`LAYOUT_VERSION`].
-pub const LEGACY_LAYOUT_VERSIONS: &[&str] = &["v1"];
+pub const LEGACY_LAYOUT_VERSIONS: &[&str] = &["v1", "v2"];
 
 /// Hex characters of a hash kept in names (the first 128 bits).
 pub const SHORT_HASH_HEX: usize = 32;

@@ -12,12 +12,14 @@ pub mod admin;
 pub mod layout;
 mod memory;
 mod object;
+pub mod seal;
 pub mod shaped;
 mod streaming;
 
 pub use memory::MemoryPrefixStore;
 pub(crate) use object::{chunk_of, tensors_of};
 pub use object::{ObjectPrefixStore, ObjectStoreConfig, ObjectStoreCounters};
+pub use seal::StoreKey;
 pub use shaped::{BandwidthTrace, ShapedStore, TraceClock};
 pub use streaming::StreamedLoad;
 
@@ -65,6 +67,13 @@ pub enum StoreError {
         /// The backend's message.
         reason: String,
     },
+    /// An object's seal does not hold: written without this store's key, under another key, or
+    /// moved to another name (see [`seal`]). Never decoded; a miss.
+    #[error("object refused: {reason}")]
+    Unauthenticated {
+        /// What is wrong.
+        reason: String,
+    },
     /// An object is not what the store wrote.
     #[error("corrupt object: {reason}")]
     Corrupt {
@@ -98,12 +107,14 @@ impl StoreError {
     }
 
     /// The failure's kind, as metrics and reports count it: `backend`, `timeout`, `denied`,
-    /// `corrupt` (bad or foreign data) or `invalid` (a bad prefix or setting).
+    /// `unauthenticated` (an object whose seal does not hold), `corrupt` (bad or foreign data) or
+    /// `invalid` (a bad prefix or setting).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Backend { .. } => "backend",
             Self::Timeout { .. } => "timeout",
             Self::Denied { .. } => "denied",
+            Self::Unauthenticated { .. } => "unauthenticated",
             Self::Corrupt { .. } | Self::Codec(_) => "corrupt",
             Self::InvalidPrefix { .. } | Self::Config { .. } | Self::Tensor(_) => "invalid",
         }

@@ -1,7 +1,7 @@
 //! Prefix caches in any [`object_store`] backend (memory, local disk, S3-compatible), cut into
 //! chunks of a fixed number of tokens and compressed with the [`crate::codec`].
 //!
-//! Layout under `{namespace}/v2/{model fingerprint}/` (names carry the first 128 bits of each
+//! Layout under `{namespace}/v3/{model fingerprint}/` (names carry the first 128 bits of each
 //! 256-bit hash: short enough for every backend's file-name limits, e.g. s3s-fs keeps one metadata
 //! file per object named after the whole key; the full fingerprint is checked inside each chunk;
 //! [`ObjectName`] writes and parses them):
@@ -11,7 +11,8 @@
 //!   machines, and never depends on Rust's `DefaultHasher`. The parent's hash and the index in
 //!   the name let a listing alone rebuild the chains (what [`super::admin`]'s GC needs to never
 //!   leave a chunk its lookups cannot reach); the loader computes every hash of a prompt's chain,
-//!   so it knows both.
+//!   so it knows both. With a [`StoreKey`] the chain starts from a keyed root: names are then
+//!   secret, per key.
 //! - `t-{index}-{parent hash}.{level}`: the tokens after the last full chunk of the longest prefix saved
 //!   after that parent (the last writer wins). A later prompt that shares only part of the tail
 //!   still uses that part, so a hit covers the prompt up to where it diverges, not only whole chunks.
@@ -20,17 +21,27 @@
 //!   tail changed the answer from its first token, an exact one kept its first 11 tokens), and
 //!   there is at most one per prefix.
 //!
-//! Every object is an envelope (magic, version, the token ids it covers) around one codec chunk;
-//! the loader checks the token ids against the prompt before using anything.
+//! Every object is a sealed envelope ([`super::seal`]: magic, version, the chain hash it is bound
+//! to, a MAC or checksum, the token ids it covers) around one codec chunk. The loader checks the
+//! token ids against the prompt, then the seal and binding, before it reads any value.
 //!
-//! Invariants: chunk writes are idempotent (`PutMode::Create`; an existing chunk is left alone)
-//! and atomic (the backends write whole objects: a temporary file renamed into place on disk, a
-//! single PUT on S3). A missing object is a miss; any other failure is an error, which the hook
-//! turns into a recompute.
+//! Invariants: chunk writes are idempotent (`PutMode::Create`; an existing chunk is left alone,
+//! unless a load found it bad: see self-repair below) and atomic (the backends write whole
+//! objects: a temporary file renamed into place on disk, a single PUT on S3). A missing object is
+//! a miss; any other failure is an error, which the hook turns into a recompute. A bad object
+//! ends a hit where it starts: the good chunks before it are used.
+//!
+//! Self-repair: a load that finds an object corrupt or refused (its seal does not hold)
+//! remembers its name (at most [`MAX_REPAIRS`] names, in this process); the next save of the
+//! same chain overwrites it instead of leaving it alone. Another process repairs it when its own
+//! loads find it. The GC (`kvplugin store gc`) removes what nobody repairs.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use async_trait::async_trait;
@@ -45,6 +56,7 @@ use super::layout::{short_hash, ObjectName, LAYOUT_VERSION};
 
 use super::{
     common_prefix_len,
+    seal::{self, Binding, ObjectKind, StoreKey},
     streaming::{decode_parts_into, into_prefix, join_decode, DecodeBuffers, DecodePart},
     validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError, StreamedLoad,
 };
@@ -54,8 +66,9 @@ use crate::{
     stream::StreamPolicy,
 };
 
-const ENVELOPE_MAGIC: [u8; 4] = *b"KVOB";
-const ENVELOPE_VERSION: u16 = 1;
+/// Names of bad objects a store remembers for repair; beyond it, new ones are not remembered
+/// (a bucket that bad needs the GC, not repair).
+pub const MAX_REPAIRS: usize = 4096;
 
 /// Settings of an [`ObjectPrefixStore`].
 #[derive(Debug, Clone)]
@@ -71,6 +84,10 @@ pub struct ObjectStoreConfig {
     pub extra_levels: Vec<Level>,
     /// Chunks fetched at once.
     pub fetch_concurrency: usize,
+    /// The deployment's secret: objects are sealed with a MAC under it and their names are
+    /// keyed by it; objects without its MAC are refused. `None`: checksums only, which stop
+    /// accidents, not writers (a shared bucket needs a key).
+    pub key: Option<Arc<StoreKey>>,
 }
 
 impl Default for ObjectStoreConfig {
@@ -78,11 +95,13 @@ impl Default for ObjectStoreConfig {
         Self {
             namespace: "kvplugin".into(),
             chunk_tokens: 256,
-            // Near-lossless: answers as with the exact cache (see `Level::High`); the smaller
-            // levels are for slow links, where bytes cost more than the quality they buy.
-            level: Level::High,
+            // Exact by default: a hit answers as a miss does. The lossy levels are for slow
+            // links, where bytes cost more than the quality they buy; their loads are marked
+            // approximate (see `KvPrefix::approximate_from`), never served as exact.
+            level: Level::Lossless,
             extra_levels: Vec::new(),
             fetch_concurrency: 8,
+            key: None,
         }
     }
 }
@@ -96,6 +115,12 @@ pub struct ObjectStoreCounters {
     pub bytes_read: AtomicU64,
     /// Bytes the written chunks would take as 16-bit KV.
     pub raw_16bit_bytes_written: AtomicU64,
+    /// Objects loads refused because their seal did not hold (no MAC, another key, moved).
+    pub objects_refused: AtomicU64,
+    /// Objects loads found corrupt (checksum, format, tokens that differ from the name's).
+    pub objects_corrupt: AtomicU64,
+    /// Bad objects a save has overwritten.
+    pub objects_repaired: AtomicU64,
 }
 
 impl ObjectStoreCounters {
@@ -113,6 +138,8 @@ pub struct ObjectPrefixStore {
     pub(super) store: Arc<dyn ObjectStore>,
     pub(super) config: ObjectStoreConfig,
     counters: ObjectStoreCounters,
+    /// Objects a load found bad, for the next save to overwrite.
+    needs_repair: Mutex<HashSet<Path>>,
 }
 
 impl ObjectPrefixStore {
@@ -137,7 +164,37 @@ impl ObjectPrefixStore {
             store,
             config,
             counters: ObjectStoreCounters::default(),
+            needs_repair: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The key objects are sealed with, if any.
+    pub(super) fn key(&self) -> Option<&StoreKey> {
+        self.config.key.as_deref()
+    }
+
+    /// Counts a bad object found by a load and remembers it for repair.
+    pub(super) fn found_bad(&self, path: &Path, error: &StoreError) {
+        let counter = match error {
+            StoreError::Unauthenticated { .. } => &self.counters.objects_refused,
+            StoreError::Corrupt { .. } | StoreError::Codec(_) => &self.counters.objects_corrupt,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%path, %error, "kvplugin: bad object; the next save of its chain replaces it");
+        let mut repairs = self.needs_repair.lock().unwrap_or_else(|e| e.into_inner());
+        if repairs.len() < MAX_REPAIRS {
+            repairs.insert(path.clone());
+        }
+    }
+
+    /// Whether a load found the object at `path` bad (taking it off the list: the caller is
+    /// about to overwrite it).
+    fn take_repair(&self, path: &Path) -> bool {
+        self.needs_repair
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path)
     }
 
     /// Bytes moved so far.
@@ -211,13 +268,18 @@ impl ObjectPrefixStore {
         tokens: &[u32],
         n_chunks: usize,
     ) -> Vec<blake3::Hash> {
-        let mut h = blake3::Hasher::new();
+        // Keyed: names are secret, per key (no membership test without the key).
+        let hasher = || match self.key() {
+            Some(key) => key.names_hasher(),
+            None => blake3::Hasher::new(),
+        };
+        let mut h = hasher();
         h.update(b"mistralrs-kvplugin/chunk-chain/v1");
         h.update(model.as_bytes());
         h.update(&(self.config.chunk_tokens as u64).to_le_bytes());
         let mut hashes = vec![h.finalize()];
         for chunk in tokens.chunks_exact(self.config.chunk_tokens).take(n_chunks) {
-            let mut h = blake3::Hasher::new();
+            let mut h = hasher();
             h.update(hashes.last().expect("root").as_bytes());
             for t in chunk {
                 h.update(&t.to_le_bytes());
@@ -258,13 +320,13 @@ impl ObjectPrefixStore {
     async fn envelope_tokens(&self, path: &Path) -> Result<Option<Vec<u32>>, StoreError> {
         let opts = GetOptions {
             range: Some(GetRange::Bounded(
-                0..(ENVELOPE_HEADER + 4 * self.config.chunk_tokens) as u64,
+                0..(seal::HEADER_BYTES + 4 * self.config.chunk_tokens) as u64,
             )),
             ..Default::default()
         };
         self.get_with(path, opts)
             .await?
-            .map(|bytes| parse_envelope_tokens(&bytes))
+            .map(|bytes| seal::peek_tokens(&bytes))
             .transpose()
     }
 
@@ -302,15 +364,17 @@ impl ObjectPrefixStore {
         }
     }
 
-    /// Encodes tokens `start..start + len` of `prefix` into an object (on the blocking pool).
+    /// Encodes tokens `start..start + len` of `prefix` into an object bound to `binding` (on
+    /// the blocking pool).
     async fn encode_object(
         &self,
         prefix: Arc<KvPrefix>,
         model: ModelFingerprint,
-        start: usize,
-        len: usize,
+        (start, len): (usize, usize),
         level: Level,
+        binding: Binding,
     ) -> Result<Vec<u8>, StoreError> {
+        let key = self.config.key.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StoreError> {
             let chunk = chunk_of(&prefix, start, len)?;
             let encoded = codec::encode_with(
@@ -318,7 +382,12 @@ impl ObjectPrefixStore {
                 &EncodeOptions::for_chunk(level, start),
                 model.as_bytes(),
             )?;
-            Ok(envelope(&prefix.tokens[start..start + len], &encoded))
+            Ok(seal::seal(
+                binding,
+                &prefix.tokens[start..start + len],
+                &encoded,
+                key.as_deref(),
+            ))
         })
         .await
         .map_err(|e| StoreError::backend(format!("encode task: {e}")))?
@@ -348,14 +417,24 @@ impl PrefixStore for ObjectPrefixStore {
         for i in 0..n_full {
             for level in self.levels_written() {
                 let path = self.chunk_path(model, i, &hashes[i], &hashes[i + 1], level);
-                if self.exists(&path).await? {
+                let repair = self.take_repair(&path);
+                if !repair && self.exists(&path).await? {
                     continue;
                 }
+                let binding = Binding {
+                    kind: ObjectKind::Chunk,
+                    hash: *hashes[i + 1].as_bytes(),
+                };
                 let object = self
-                    .encode_object(prefix.clone(), *model, i * c, c, level)
+                    .encode_object(prefix.clone(), *model, (i * c, c), level, binding)
                     .await?;
                 let len = object.len() as u64;
-                if self.put(&path, object, true).await? {
+                if self.put(&path, object, !repair).await? {
+                    if repair {
+                        self.counters
+                            .objects_repaired
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     written += len;
                     self.counters
                         .raw_16bit_bytes_written
@@ -367,19 +446,37 @@ impl PrefixStore for ObjectPrefixStore {
         if tail > 0 {
             let path = self.tail_path(model, n_full, &hashes[n_full]);
             // Keep the longer tail: a shorter prefix must not replace a longer one's. Only the
-            // envelope's token ids are read, not the whole object.
-            let keep_existing = match self.envelope_tokens(&path).await {
-                Ok(Some(tokens)) => {
-                    tokens.len() >= tail && tokens[..tail] == prefix.tokens[n_full * c..]
-                }
-                _ => false,
-            };
+            // envelope's token ids are read, not the whole object (a bad one a load found is
+            // replaced).
+            let repair = self.take_repair(&path);
+            let keep_existing = !repair
+                && match self.envelope_tokens(&path).await {
+                    Ok(Some(tokens)) => {
+                        tokens.len() >= tail && tokens[..tail] == prefix.tokens[n_full * c..]
+                    }
+                    _ => false,
+                };
             if !keep_existing {
+                let binding = Binding {
+                    kind: ObjectKind::Tail,
+                    hash: *hashes[n_full].as_bytes(),
+                };
                 let object = self
-                    .encode_object(prefix.clone(), *model, n_full * c, tail, Level::Lossless)
+                    .encode_object(
+                        prefix.clone(),
+                        *model,
+                        (n_full * c, tail),
+                        Level::Lossless,
+                        binding,
+                    )
                     .await?;
                 let len = object.len() as u64;
                 self.put(&path, object, false).await?;
+                if repair {
+                    self.counters
+                        .objects_repaired
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 written += len;
                 self.counters
                     .raw_16bit_bytes_written
@@ -493,6 +590,7 @@ impl ObjectPrefixStore {
         let concurrency = self.config.fetch_concurrency.max(1);
         let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(concurrency);
         let chain = &hashes;
+        let chunk_path = |i: usize| self.chunk_path(&model, i, &chain[i], &chain[i + 1], level);
         // Moves the sender in, so that the decoder's channel closes when the run ends.
         let fetch_run = async move {
             let mut chunks = stream::iter(0..max_full)
@@ -521,68 +619,155 @@ impl ObjectPrefixStore {
         // Chunks stay undecoded while the run is not longer than `min_tokens` (what the caller
         // already has costs fetches only). It owns the receiver: when it stops early (a corrupt
         // chunk) the channel closes, the fetcher's next send fails and it stops too.
+        //
+        // A bad chunk (tokens, seal, format) ends the run where it starts: the chunks before it
+        // are kept, the first error is returned alongside them.
         let decode_run = async move {
             let mut buffers: Option<DecodeBuffers> = None;
             let mut decoded = 0;
             let mut waiting: Vec<DecodePart> = Vec::new();
-            while let Some(first) = fetched_rx.recv().await {
+            let mut bad: Option<StoreError> = None;
+            'run: while let Some(first) = fetched_rx.recv().await {
                 let mut batch = vec![first];
                 while let Ok(next) = fetched_rx.try_recv() {
                     batch.push(next);
                 }
                 for bytes in batch {
                     let offset = decoded + waiting.len() * c;
-                    let (tokens, _) = parse_envelope(&bytes)?;
-                    if tokens[..] != prompt[offset..offset + c] {
-                        return Err(StoreError::Corrupt {
-                            reason: "object's tokens differ from the prompt's".into(),
-                        });
+                    let index = offset / c;
+                    let ours = seal::peek_tokens(&bytes).and_then(|tokens| {
+                        if tokens[..] == prompt[offset..offset + c] {
+                            Ok(())
+                        } else {
+                            Err(StoreError::Corrupt {
+                                reason: "object's tokens differ from the prompt's".into(),
+                            })
+                        }
+                    });
+                    if let Err(e) = ours {
+                        self.found_bad(&chunk_path(index), &e);
+                        bad = Some(e);
+                        break 'run;
                     }
                     waiting.push(DecodePart {
                         bytes,
                         offset,
                         take: c,
+                        binding: Binding {
+                            kind: ObjectKind::Chunk,
+                            hash: *chain[index + 1].as_bytes(),
+                        },
                     });
                 }
                 if decoded + waiting.len() * c > min_tokens {
-                    decoded += waiting.len() * c;
-                    decode_batch(&mut buffers, std::mem::take(&mut waiting), model, n_alloc)
-                        .await?;
+                    let batch = std::mem::take(&mut waiting);
+                    let first_index = decoded / c;
+                    let (good, failure) =
+                        self.decode_batch(&mut buffers, batch, model, n_alloc).await;
+                    decoded += good * c;
+                    if let Some((part, e)) = failure {
+                        if let Some(part) = part {
+                            self.found_bad(&chunk_path(first_index + part), &e);
+                        }
+                        bad = Some(e);
+                        break 'run;
+                    }
                 }
             }
-            Ok::<_, StoreError>((buffers, decoded, waiting))
+            // Chunks fetched but never opened (the run was too short to be worth it, or a bad
+            // chunk ended it): the former go with the tail, the latter are dropped.
+            if bad.is_some() {
+                waiting.clear();
+            }
+            (buffers, decoded, waiting, bad)
         };
         let (fetched, decoded, full_run_tail) =
             futures::join!(fetch_run, decode_run, full_run_tail);
-        let (mut buffers, decoded, mut waiting) = decoded?;
-        fetched?;
+        let (mut buffers, decoded, mut waiting, bad) = decoded;
+        // A backend failure ends the run like a bad chunk: what was decoded before it is used.
+        let bad = bad.or(fetched.err());
+        if let Some(e) = bad {
+            if decoded <= min_tokens {
+                return Err(e);
+            }
+            // The good chunks make the hit; the tail after them is not looked for (it would
+            // be the tail of a shorter prompt), and the failure is counted by `found_bad`.
+            tracing::debug!(error = %e, "kvplugin: a bad chunk ended the hit");
+            return self.finish_load(buffers, prompt, decoded, capacity).await;
+        }
 
         let mut covered = decoded + waiting.len() * c;
         let n_full = covered / c;
+        let tail_path = self.tail_path(&model, n_full, &hashes[n_full]);
         let tail = if n_full == max_full {
             full_run_tail?
         } else {
-            self.get(&self.tail_path(&model, n_full, &hashes[n_full]))
-                .await?
+            self.get(&tail_path).await?
         };
         if let Some(bytes) = tail {
-            let (tokens, _) = parse_envelope(&bytes)?;
-            let take = common_prefix_len(&tokens, &prompt[covered..usable]);
-            if take > 0 {
-                waiting.push(DecodePart {
-                    bytes,
-                    offset: covered,
-                    take,
-                });
-                covered += take;
+            match seal::peek_tokens(&bytes) {
+                Ok(tokens) => {
+                    let take = common_prefix_len(&tokens, &prompt[covered..usable]);
+                    if take > 0 {
+                        waiting.push(DecodePart {
+                            bytes,
+                            offset: covered,
+                            take,
+                            binding: Binding {
+                                kind: ObjectKind::Tail,
+                                hash: *hashes[n_full].as_bytes(),
+                            },
+                        });
+                        covered += take;
+                    }
+                }
+                Err(e) => self.found_bad(&tail_path, &e),
             }
         }
         if covered <= min_tokens {
             return Ok(None);
         }
         if !waiting.is_empty() {
-            decode_batch(&mut buffers, waiting, model, n_alloc).await?;
+            let first_index = decoded / c;
+            let n_parts = waiting.len();
+            let (good, failure) = self
+                .decode_batch(&mut buffers, waiting, model, n_alloc)
+                .await;
+            if let Some((part, e)) = failure {
+                // The last part may be the tail.
+                let path = match part {
+                    Some(p) if p + 1 == n_parts && !covered.is_multiple_of(c) => Some(tail_path),
+                    Some(p) => Some(self.chunk_path(
+                        &model,
+                        first_index + p,
+                        &hashes[first_index + p],
+                        &hashes[first_index + p + 1],
+                        level,
+                    )),
+                    None => None,
+                };
+                if let Some(path) = path {
+                    self.found_bad(&path, &e);
+                }
+                let kept = decoded + good * c;
+                if kept <= min_tokens {
+                    return Err(e);
+                }
+                return self.finish_load(buffers, prompt, kept, capacity).await;
+            }
         }
+        self.finish_load(buffers, prompt, covered, capacity).await
+    }
+
+    /// The prefix of the first `covered` prompt tokens from decoded buffers, in `capacity(n)`
+    /// rows.
+    async fn finish_load(
+        &self,
+        buffers: Option<DecodeBuffers>,
+        prompt: &[u32],
+        covered: usize,
+        capacity: &RowCapacity,
+    ) -> Result<Option<KvPrefix>, StoreError> {
         let Some(buffers) = buffers else {
             return Ok(None);
         };
@@ -595,20 +780,26 @@ impl ObjectPrefixStore {
     }
 }
 
-/// Decodes `parts` into `buffers` (allocated on the first batch) on the blocking pool.
-async fn decode_batch(
-    buffers: &mut Option<DecodeBuffers>,
-    parts: Vec<DecodePart>,
-    model: ModelFingerprint,
-    n_alloc: usize,
-) -> Result<(), StoreError> {
-    let held = buffers.take();
-    let (returned, decoded) = join_decode(tokio::task::spawn_blocking(move || {
-        decode_parts_into(held, &parts, &model, n_alloc)
-    }))
-    .await;
-    *buffers = returned;
-    decoded.map(|_| ())
+impl ObjectPrefixStore {
+    /// Decodes `parts` into `buffers` (allocated on the first batch) on the blocking pool.
+    /// Returns how many parts, from the first, were decoded, and the failure that stopped the
+    /// rest (with the index of the part it came from, when it is the part's own).
+    async fn decode_batch(
+        &self,
+        buffers: &mut Option<DecodeBuffers>,
+        parts: Vec<DecodePart>,
+        model: ModelFingerprint,
+        n_alloc: usize,
+    ) -> (usize, Option<(Option<usize>, StoreError)>) {
+        let held = buffers.take();
+        let key = self.config.key.clone();
+        let decoded = join_decode(tokio::task::spawn_blocking(move || {
+            decode_parts_into(held, &parts, &model, key.as_deref(), n_alloc)
+        }))
+        .await;
+        *buffers = decoded.buffers;
+        (decoded.good_parts, decoded.result.err())
+    }
 }
 
 /// The prefix whose tensors are, in order, layer 0's K and V, layer 1's K and V, ...
@@ -625,13 +816,16 @@ pub(super) fn prefix_of(tokens: Vec<u32>, tensors: Vec<Tensor>) -> KvPrefix {
     }
 }
 
-/// An object's token ids and its checked codec chunk (magic, version, checksum, model, and a
-/// token count that agrees with the envelope's).
+/// An object's token ids and its checked codec chunk: the seal and binding first (nothing is
+/// read before the MAC or checksum holds), then the chunk's magic, version, checksum, model,
+/// and a token count that agrees with the envelope's.
 pub(super) fn parse_object<'a>(
     bytes: &'a [u8],
+    binding: Binding,
     model: &ModelFingerprint,
+    key: Option<&StoreKey>,
 ) -> Result<(Vec<u32>, ParsedChunk<'a>), StoreError> {
-    let (tokens, encoded) = parse_envelope(bytes)?;
+    let (tokens, encoded) = seal::open(bytes, binding, key)?;
     let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
     if chunk.header().shape.n_tokens != tokens.len() {
         return Err(StoreError::Corrupt {
@@ -647,60 +841,6 @@ pub(super) fn candle_dtype(dtype: KvDType) -> DType {
         KvDType::F16 => DType::F16,
         KvDType::BF16 => DType::BF16,
     }
-}
-
-fn envelope(tokens: &[u32], encoded: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ENVELOPE_HEADER + 4 * tokens.len() + encoded.len());
-    out.extend_from_slice(&ENVELOPE_MAGIC);
-    out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
-    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
-    for t in tokens {
-        out.extend_from_slice(&t.to_le_bytes());
-    }
-    out.extend_from_slice(encoded);
-    out
-}
-
-/// Bytes of an envelope before its token ids: magic, version, token count.
-const ENVELOPE_HEADER: usize = 10;
-
-/// The token ids of an envelope, from a prefix of the object that holds at least all of them.
-fn parse_envelope_tokens(bytes: &[u8]) -> Result<Vec<u32>, StoreError> {
-    let mut r = codec::reader::Reader::new(bytes);
-    check_envelope_header(&mut r)?;
-    let n = r.u32()? as usize;
-    Ok(r.bytes(n.saturating_mul(4))?
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
-}
-
-fn check_envelope_header(r: &mut codec::reader::Reader<'_>) -> Result<(), StoreError> {
-    if r.bytes(4)? != ENVELOPE_MAGIC {
-        return Err(StoreError::Corrupt {
-            reason: "not a kvplugin object".into(),
-        });
-    }
-    let version = r.u16()?;
-    if version != ENVELOPE_VERSION {
-        return Err(StoreError::Corrupt {
-            reason: format!("object envelope version {version}"),
-        });
-    }
-    Ok(())
-}
-
-pub(super) fn parse_envelope(bytes: &[u8]) -> Result<(Vec<u32>, &[u8]), StoreError> {
-    let mut r = codec::reader::Reader::new(bytes);
-    check_envelope_header(&mut r)?;
-    let n = r.u32()? as usize;
-    let tokens = r
-        .bytes(n.saturating_mul(4))?
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let rest = &bytes[r.position()..];
-    Ok((tokens, rest))
 }
 
 fn kv_dtype(dtype: DType) -> Result<KvDType, StoreError> {

@@ -30,7 +30,8 @@ use rayon::prelude::*;
 
 use super::{
     common_prefix_len,
-    object::{candle_dtype, parse_envelope, parse_object, prefix_of},
+    object::{candle_dtype, parse_object, prefix_of},
+    seal::{self, Binding, ObjectKind, StoreKey},
     ObjectPrefixStore, RowCapacity, StoreError,
 };
 use crate::{
@@ -71,13 +72,27 @@ pub(super) struct DecodeBuffers {
     dtype: KvDType,
     n_alloc: usize,
     data: Vec<Vec<f32>>,
+    /// The first row decoded from a lossy chunk (past its exactly stored leading tokens), if
+    /// any: the loaded prefix is approximate from there on (the engine keeps such a cache out
+    /// of its own prefix cache, and the hook never saves those rows again).
+    lossy_from: Option<usize>,
 }
 
 /// Chunks being decoded on the blocking pool: the buffers come back whatever happens, so that
-/// the chunks decoded before a corrupt one can still be used (the streamed loader decodes one
-/// chunk per task and keeps those before a failure; whole loads give up on any failure).
-pub(super) type DecodeTask =
-    tokio::task::JoinHandle<(Option<DecodeBuffers>, Result<Duration, StoreError>)>;
+/// the chunks decoded before a bad one can still be used.
+pub(super) type DecodeTask = tokio::task::JoinHandle<BatchDecoded>;
+
+/// What decoding a batch of parts did.
+pub(super) struct BatchDecoded {
+    /// The buffers (`None` only when nothing was ever allocated).
+    pub(super) buffers: Option<DecodeBuffers>,
+    /// The decode time, or the failure and the index of the part it came from (when the
+    /// failure is the part's own: its seal, format or values; `None` for a failed task).
+    pub(super) result: Result<Duration, (Option<usize>, StoreError)>,
+    /// Parts, from the first, whose rows are all in the buffers (all of them on success; on a
+    /// failure while opening part `k`, the `k` before it, which were decoded).
+    pub(super) good_parts: usize,
+}
 
 struct Pending {
     task: DecodeTask,
@@ -85,6 +100,21 @@ struct Pending {
     decision: usize,
     end: usize,
     bytes: u64,
+    path: Path,
+}
+
+impl Found {
+    /// What its object must be bound to.
+    fn binding(&self) -> Binding {
+        Binding {
+            kind: if self.is_tail {
+                ObjectKind::Tail
+            } else {
+                ObjectKind::Chunk
+            },
+            hash: *self.hash.as_bytes(),
+        }
+    }
 }
 
 impl ObjectPrefixStore {
@@ -219,16 +249,19 @@ impl ObjectPrefixStore {
             let took = fetch_started.elapsed();
             // The previous chunk decoded while this one was in flight.
             if let Some(done) = pending.take() {
-                let (returned, result) = join_decode(done.task).await;
-                buffers = returned;
-                match result {
+                let decoded = join_decode(done.task).await;
+                buffers = decoded.buffers;
+                match decoded.result {
                     Ok(decode_took) => {
                         covered = done.end;
                         if let Some(p) = planner.as_mut() {
                             p.observe_decode(done.bytes, decode_took);
                         }
                     }
-                    Err(e) => {
+                    Err((bad, e)) => {
+                        if bad.is_some() {
+                            self.found_bad(&done.path, &e);
+                        }
                         report.chunks[done.decision].outcome = failure_outcome(&e);
                         break;
                     }
@@ -256,6 +289,7 @@ impl ObjectPrefixStore {
             let take = match tokens_to_use(&bytes, prompt, offer, chunk.is_tail) {
                 Ok(take) => take,
                 Err(e) => {
+                    self.found_bad(&path, &e);
                     decision.outcome = failure_outcome(&e);
                     report.chunks.push(decision);
                     break;
@@ -272,21 +306,34 @@ impl ObjectPrefixStore {
             report.chunks.push(decision);
             let model = *model;
             let (offset, held, n_bytes) = (offer.start, buffers.take(), bytes.len() as u64);
+            let part = DecodePart {
+                bytes,
+                offset,
+                take,
+                binding: chunk.binding(),
+            };
+            let key = self.config.key.clone();
             pending = Some(Pending {
                 task: tokio::task::spawn_blocking(move || {
-                    decode_into(held, bytes, &model, offset, take, n_alloc)
+                    decode_parts_into(held, &[part], &model, key.as_deref(), n_alloc)
                 }),
                 decision: report.chunks.len() - 1,
                 end: offset + take,
                 bytes: n_bytes,
+                path,
             });
         }
         if let Some(done) = pending.take() {
-            let (returned, result) = join_decode(done.task).await;
-            buffers = returned;
-            match result {
+            let decoded = join_decode(done.task).await;
+            buffers = decoded.buffers;
+            match decoded.result {
                 Ok(_) => covered = done.end,
-                Err(e) => report.chunks[done.decision].outcome = failure_outcome(&e),
+                Err((bad, e)) => {
+                    if bad.is_some() {
+                        self.found_bad(&done.path, &e);
+                    }
+                    report.chunks[done.decision].outcome = failure_outcome(&e);
+                }
             }
         }
         report.covered_tokens = covered;
@@ -411,12 +458,14 @@ fn failure_outcome(e: &StoreError) -> ChunkOutcome {
     failed(e.kind(), e.to_string())
 }
 
-pub(super) async fn join_decode(
-    task: DecodeTask,
-) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+pub(super) async fn join_decode(task: DecodeTask) -> BatchDecoded {
     match task.await {
         Ok(done) => done,
-        Err(e) => (None, Err(StoreError::backend(format!("decode task: {e}")))),
+        Err(e) => BatchDecoded {
+            buffers: None,
+            result: Err((None, StoreError::backend(format!("decode task: {e}")))),
+            good_parts: 0,
+        },
     }
 }
 
@@ -428,7 +477,7 @@ fn tokens_to_use(
     offer: &ChunkOffer,
     is_tail: bool,
 ) -> Result<usize, StoreError> {
-    let (tokens, _) = parse_envelope(bytes)?;
+    let tokens = seal::peek_tokens(bytes)?;
     let want = &prompt[offer.start..offer.start + offer.tokens];
     if is_tail {
         return Ok(common_prefix_len(&tokens, want));
@@ -446,52 +495,50 @@ pub(super) struct DecodePart {
     pub(super) bytes: Bytes,
     pub(super) offset: usize,
     pub(super) take: usize,
+    /// What the object must be bound to (its name's chain hash).
+    pub(super) binding: Binding,
 }
 
-/// Decodes the first `take` tokens of an object into `buffers` at `token_offset` (allocating
-/// them, for `n_alloc` tokens, on the first chunk). Returns the decode time.
-fn decode_into(
-    buffers: Option<DecodeBuffers>,
-    bytes: Bytes,
-    model: &ModelFingerprint,
-    token_offset: usize,
-    take: usize,
-    n_alloc: usize,
-) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
-    decode_parts_into(
-        buffers,
-        &[DecodePart {
-            bytes,
-            offset: token_offset,
-            take,
-        }],
-        model,
-        n_alloc,
-    )
-}
-
-/// Decodes `parts` into `buffers` (allocating them, for `n_alloc` tokens, on the first part),
-/// every tensor in parallel and each tensor's parts in order: one pass over the buffers however
-/// many parts, so a batch of parts costs one fork-join, not one per part. Returns the decode
-/// time. On an error the buffers come back with the parts before the failing one decoded in
-/// some tensors only: the caller uses none of the batch.
+/// Opens `parts` (seal, binding, format, model and shape: in parallel, before any value is
+/// read), then decodes the good ones before the first bad one into `buffers` (allocating them,
+/// for `n_alloc` tokens, on the first part), every tensor in parallel and each tensor's parts in
+/// order: one pass over the buffers however many parts, so a batch costs one fork-join, not one
+/// per part. A failure while decoding values leaves no part counted good: the caller uses none
+/// of the batch.
 pub(super) fn decode_parts_into(
     buffers: Option<DecodeBuffers>,
     parts: &[DecodePart],
     model: &ModelFingerprint,
+    key: Option<&StoreKey>,
     n_alloc: usize,
-) -> (Option<DecodeBuffers>, Result<Duration, StoreError>) {
+) -> BatchDecoded {
     let started = Instant::now();
-    let chunks = match parts
-        .iter()
-        .map(|p| parse_object(&p.bytes, model).map(|(_, chunk)| chunk))
-        .collect::<Result<Vec<_>, StoreError>>()
-    {
-        Ok(chunks) => chunks,
-        Err(e) => return (buffers, Err(e)),
+    let opened: Vec<_> = parts
+        .par_iter()
+        .map(|p| parse_object(&p.bytes, p.binding, model, key).map(|(_, chunk)| chunk))
+        .collect();
+    let good = opened.iter().take_while(|c| c.is_ok()).count();
+    let mut chunks = Vec::with_capacity(good);
+    let mut failure = None;
+    for (i, chunk) in opened.into_iter().enumerate() {
+        match chunk {
+            Ok(chunk) if failure.is_none() => chunks.push(chunk),
+            Ok(_) => {}
+            Err(e) => {
+                failure.get_or_insert((Some(i), e));
+            }
+        }
+    }
+    let done = |buffers, result, good_parts| BatchDecoded {
+        buffers,
+        result,
+        good_parts,
     };
     let Some(first) = chunks.first() else {
-        return (buffers, Ok(started.elapsed()));
+        return match failure {
+            Some(failure) => done(buffers, Err(failure), 0),
+            None => done(buffers, Ok(started.elapsed()), 0),
+        };
     };
     let (shape, dtype) = (first.header().shape, first.header().dtype);
     let mut buffers = buffers.unwrap_or_else(|| DecodeBuffers {
@@ -503,45 +550,62 @@ pub(super) fn decode_parts_into(
         data: (0..shape.n_tensors())
             .map(|_| zeroed_buffer(shape.n_kv_heads * n_alloc * shape.head_dim))
             .collect(),
+        lossy_from: None,
     });
-    let agree = chunks.iter().all(|c| {
+    let disagrees = chunks.iter().position(|c| {
         let s = c.header().shape;
         (s.n_layers, s.n_kv_heads, s.head_dim, c.header().dtype)
-            == (
+            != (
                 buffers.n_layers,
                 buffers.n_kv_heads,
                 buffers.head_dim,
                 buffers.dtype,
             )
     });
-    if !agree {
-        return (
-            Some(buffers),
-            Err(StoreError::Corrupt {
-                reason: "objects disagree on the model's shape or dtype".into(),
-            }),
-        );
+    if let Some(i) = disagrees {
+        let e = StoreError::Corrupt {
+            reason: "objects disagree on the model's shape or dtype".into(),
+        };
+        return done(Some(buffers), Err((Some(i), e)), 0);
     }
     let n = buffers.n_alloc;
-    let result = buffers
+    let decoded = buffers
         .data
         .par_iter_mut()
         .enumerate()
         .try_for_each(|(t, data)| {
-            chunks.iter().zip(parts).try_for_each(|(chunk, part)| {
-                chunk.decode_tensor_into(
-                    t,
-                    &mut Dest {
-                        data,
-                        tokens: n,
-                        token_offset: part.offset,
-                        take: part.take,
-                    },
-                )
-            })
+            chunks
+                .iter()
+                .zip(parts)
+                .enumerate()
+                .try_for_each(|(i, (chunk, part))| {
+                    chunk
+                        .decode_tensor_into(
+                            t,
+                            &mut Dest {
+                                data,
+                                tokens: n,
+                                token_offset: part.offset,
+                                take: part.take,
+                            },
+                        )
+                        .map_err(|e| (Some(i), StoreError::from(e)))
+                })
         });
-    let result = result.map(|()| started.elapsed()).map_err(StoreError::from);
-    (Some(buffers), result)
+    if decoded.is_ok() {
+        for (chunk, part) in chunks.iter().zip(parts) {
+            let header = chunk.header();
+            if header.level != Level::Lossless && header.exact_tokens < part.take {
+                let first = part.offset + header.exact_tokens;
+                buffers.lossy_from = Some(buffers.lossy_from.map_or(first, |r| r.min(first)));
+            }
+        }
+    }
+    match (decoded, failure) {
+        (Err(e), _) => done(Some(buffers), Err(e), 0),
+        (Ok(()), Some(failure)) => done(Some(buffers), Err(failure), chunks.len()),
+        (Ok(()), None) => done(Some(buffers), Ok(started.elapsed()), chunks.len()),
+    }
 }
 
 /// A zeroed buffer of `len` values for a loaded cache, backed by transparent huge pages where
@@ -588,6 +652,7 @@ pub(super) fn into_prefix(
     rows: usize,
 ) -> Result<KvPrefix, StoreError> {
     let (heads, n_alloc, dim) = (buffers.n_kv_heads, buffers.n_alloc, buffers.head_dim);
+    let approximate_from = buffers.lossy_from.filter(|&row| row < tokens.len());
     if rows < tokens.len() || rows > n_alloc {
         return Err(StoreError::InvalidPrefix {
             reason: format!(
@@ -611,5 +676,8 @@ pub(super) fn into_prefix(
             Ok(t.to_dtype(dtype)?)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(prefix_of(tokens, tensors))
+    Ok(KvPrefix {
+        approximate_from,
+        ..prefix_of(tokens, tensors)
+    })
 }
