@@ -2,8 +2,10 @@
 //!
 //! A stock engine answers question 1 and then question 2 on a long document (the second is its
 //! in-memory prefix hit). Then plugin engine 1 answers question 1 from cold and saves the cache,
-//! chunked and compressed, to a local-disk store; a fresh plugin engine 2, sharing only that
-//! folder, answers question 2 with a store hit. Its answer is compared with the stock engine's.
+//! chunked and compressed, to a local-disk store (lossless, and at a lossy level too); a fresh
+//! plugin engine 2, sharing only that folder, answers question 2 with an exact store hit, and a
+//! fresh engine 3 answers it from the lossy chunks: side by side, what the bytes saved cost in
+//! TTFT and answers. Answers are compared with the stock engine's.
 //! The demo starts from an empty store folder (it deletes its own folder first). With `--paged`
 //! every engine runs PagedAttention (the block manager): the stock engine's second answer is its
 //! own block prefix hit, and the store hit is installed into blocks.
@@ -19,7 +21,7 @@ use crate::{
     engine::{document_prompt, EngineOptions, LocalEngine, PagedOptions},
     hook::{HookConfig, KvPluginHook},
     model,
-    store::{ObjectPrefixStore, ObjectStoreConfig},
+    store::{layout::ObjectName, ObjectPrefixStore, ObjectStoreConfig},
 };
 
 /// Arguments of `kvplugin demo`.
@@ -36,9 +38,13 @@ pub struct DemoArgs {
     /// The store folder (emptied first).
     #[arg(long, default_value = ".kvplugin/demo-store")]
     store: PathBuf,
-    /// Codec level of the stored chunks (the store's default: `high`).
-    #[arg(long, default_value = "high")]
+    /// Codec level of engine 2's hit (the store's default: `lossless`, a hit that answers as a
+    /// miss does).
+    #[arg(long, default_value = "lossless")]
     level: String,
+    /// A lossy level for engine 3's hit, shown next to the exact one (`none`: no engine 3).
+    #[arg(long, default_value = "high")]
+    lossy_level: String,
     /// Run every engine with PagedAttention (the engine's block manager) on the CPU.
     #[arg(long)]
     paged: bool,
@@ -58,6 +64,20 @@ struct DemoReport {
     bytes_stored: u64,
     answers_match_stock: bool,
     paged: bool,
+    /// The level of engine 2's hit (`ttft_hit_s`, `bytes_stored`, `answers_match_stock`).
+    level: &'static str,
+    /// Engine 3's hit from lossy chunks, if one was asked for.
+    lossy: Option<LossyHit>,
+}
+
+#[derive(Debug, Serialize)]
+struct LossyHit {
+    level: &'static str,
+    ttft_hit_s: f64,
+    prefilled_tokens_hit: usize,
+    /// The prefix's objects at this level (its full chunks, and the lossless tail).
+    bytes_stored: u64,
+    answers_match_stock: bool,
 }
 
 /// How long the demo waits for a save or a finished sequence to be reported.
@@ -112,20 +132,33 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
 
     let level = Level::from_name(&args.level)
         .ok_or_else(|| anyhow::anyhow!("unknown --level `{}`", args.level))?;
+    let lossy_level = match args.lossy_level.as_str() {
+        "none" => None,
+        name => Some(
+            Level::from_name(name)
+                .filter(|l| *l != Level::Lossless)
+                .ok_or_else(|| anyhow::anyhow!("--lossy-level `{name}` is not a lossy level"))?,
+        ),
+    };
     if args.store.exists() {
         std::fs::remove_dir_all(&args.store)?;
     }
     std::fs::create_dir_all(&args.store)?;
-    let backend = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
-        &args.store,
-    )?);
-    let store = Arc::new(ObjectPrefixStore::new(
-        backend,
-        ObjectStoreConfig {
-            level,
-            ..Default::default()
-        },
-    )?);
+    let backend: Arc<dyn object_store::ObjectStore> = Arc::new(
+        object_store::local::LocalFileSystem::new_with_prefix(&args.store)?,
+    );
+    // One store writes every level at once; each reader loads at its own.
+    let store_at = |level: Level, extra: Vec<Level>| -> anyhow::Result<Arc<ObjectPrefixStore>> {
+        Ok(Arc::new(ObjectPrefixStore::new(
+            backend.clone(),
+            ObjectStoreConfig {
+                level,
+                extra_levels: extra,
+                ..Default::default()
+            },
+        )?))
+    };
+    let store = store_at(level, lossy_level.into_iter().collect())?;
     println!("== plugin engine 1: question 1 from cold, cache saved to the store");
     let hook_1 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
     let engine_1 = LocalEngine::start(options().with_kv_hook(hook_1.clone())).await?;
@@ -139,27 +172,50 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         cold.text.trim()
     );
     drop(engine_1);
+    let sizes = bytes_by_level(backend.as_ref()).await?;
+    let size_at = |l: Level| sizes.chunks.get(l.name()).copied().unwrap_or(0) + sizes.tails;
 
-    println!("== plugin engine 2 (fresh, shares only the store): question 2");
-    let hook_2 = Arc::new(KvPluginHook::new(store.clone(), HookConfig::default()));
-    let engine_2 = LocalEngine::start(options().with_kv_hook(hook_2.clone())).await?;
-    let hit = engine_2
-        .complete(&prompt_2, args.document.max_new_tokens)
-        .await?;
-    let finished = hook_2.wait_for_finished(prompt_2.len(), WAIT).await?;
-    let prefilled = finished.last_prompt_tokens - finished.last_reused_tokens;
-    println!(
-        "   TTFT {:.2} s: {}",
-        hit.ttft.as_secs_f64(),
-        hit.text.trim()
-    );
+    let ask = |n: usize, store: Arc<ObjectPrefixStore>, level: Level| {
+        let options = options();
+        let prompt = prompt_2.clone();
+        let max_new = args.document.max_new_tokens;
+        async move {
+            println!(
+                "== plugin engine {n} (fresh, shares only the store): question 2, {} chunks",
+                level.name()
+            );
+            let hook = Arc::new(KvPluginHook::new(store, HookConfig::default()));
+            let engine = LocalEngine::start(options.with_kv_hook(hook.clone())).await?;
+            let hit = engine.complete(&prompt, max_new).await?;
+            let finished = hook.wait_for_finished(prompt.len(), WAIT).await?;
+            println!(
+                "   TTFT {:.2} s: {}",
+                hit.ttft.as_secs_f64(),
+                hit.text.trim()
+            );
+            let prefilled = (finished.last_prompt_tokens - finished.last_reused_tokens) as usize;
+            anyhow::Ok((hit, prefilled))
+        }
+    };
+    let (hit, prefilled) = ask(2, store.clone(), level).await?;
+    let lossy = match lossy_level {
+        Some(lossy_level) => {
+            let (lossy_hit, prefilled) =
+                ask(3, store_at(lossy_level, Vec::new())?, lossy_level).await?;
+            Some(LossyHit {
+                level: lossy_level.name(),
+                ttft_hit_s: lossy_hit.ttft.as_secs_f64(),
+                prefilled_tokens_hit: prefilled,
+                bytes_stored: size_at(lossy_level),
+                answers_match_stock: lossy_hit.text == stock_2.text,
+            })
+        }
+        None => None,
+    };
     println!("   stock answer: {}", stock_2.text.trim());
 
-    let counters = store.counters();
-    let bytes_stored = counters
-        .bytes_written
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let bytes_raw = counters
+    let bytes_raw = store
+        .counters()
         .raw_16bit_bytes_written
         .load(std::sync::atomic::Ordering::Relaxed);
     let report = DemoReport {
@@ -167,15 +223,45 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         ttft_cold_s: cold.ttft.as_secs_f64(),
         ttft_hit_s: hit.ttft.as_secs_f64(),
         ttft_memory_hit_s: stock_2.ttft.as_secs_f64(),
-        prefilled_tokens_hit: prefilled as usize,
-        bytes_raw_16bit: bytes_raw,
-        bytes_stored,
+        prefilled_tokens_hit: prefilled,
+        // Counted once per level written: the 16-bit size of the prefix itself.
+        bytes_raw_16bit: bytes_raw / (1 + lossy_level.is_some() as u64),
+        bytes_stored: size_at(level),
         answers_match_stock: hit.text == stock_2.text,
         paged: args.paged,
+        level: level.name(),
+        lossy,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Object bytes in a store: full chunks per level, and tails (written once, lossless).
+struct StoredBytes {
+    chunks: std::collections::HashMap<&'static str, u64>,
+    tails: u64,
+}
+
+async fn bytes_by_level(backend: &dyn object_store::ObjectStore) -> anyhow::Result<StoredBytes> {
+    use futures::TryStreamExt;
+    let mut sizes = StoredBytes {
+        chunks: Default::default(),
+        tails: 0,
+    };
+    let objects: Vec<_> = backend.list(None).try_collect().await?;
+    for object in objects {
+        let Some(name) = object.location.filename().and_then(ObjectName::parse) else {
+            continue;
+        };
+        match name {
+            ObjectName::Chunk { level, .. } => {
+                *sizes.chunks.entry(level.name()).or_default() += object.size
+            }
+            ObjectName::Tail { .. } => sizes.tails += object.size,
+        }
+    }
+    Ok(sizes)
 }
