@@ -12,9 +12,12 @@ use mistralrs_kvplugin::{
 };
 use object_store::{path::Path, ObjectStore};
 
-const LAYERS: usize = 3;
-const HEADS: usize = 2;
-const DIM: usize = 8;
+/// The suite's cache shape.
+pub const LAYERS: usize = 3;
+/// See [`LAYERS`].
+pub const HEADS: usize = 2;
+/// See [`LAYERS`].
+pub const DIM: usize = 8;
 /// Tokens per chunk of the suite's stores.
 pub const CHUNK: usize = 64;
 

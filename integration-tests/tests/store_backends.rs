@@ -254,3 +254,125 @@ async fn a_damaged_first_chunk_of_a_long_run_is_an_error_not_a_hang() {
         "a run no longer than min_tokens is a miss: {not_longer:?}"
     );
 }
+
+#[tokio::test]
+async fn hostile_objects_are_refused_before_anything_is_allocated() {
+    use integration_tests::store_suite::{CHUNK, DIM, HEADS, LAYERS};
+    use mistralrs_kvplugin::{
+        codec::{self, ChunkShape, KvChunk, KvDType},
+        fingerprint::KvLayout,
+        store::{
+            seal::{self, Binding, ObjectKind},
+            StoreError,
+        },
+    };
+    use object_store::path::Path;
+
+    // A registered model's fingerprint carries its cache layout.
+    let m = model(1).with_layout(KvLayout {
+        n_layers: LAYERS,
+        n_kv_heads: HEADS,
+        head_dim: DIM,
+        dtype: KvDType::F32,
+    });
+    let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = store_over(backend.clone(), Level::Lossless);
+    let saved = tokens(200, 5);
+    store.save(&m, prefix(&saved, 0.0)).await.unwrap();
+    let mut prompt = saved.clone();
+    prompt.push(1);
+    assert_eq!(
+        store
+            .load(&m, &prompt, 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .tokens
+            .len(),
+        200
+    );
+    let objects: Vec<Path> = {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = backend.list(None).try_collect().await.unwrap();
+        listed.into_iter().map(|o| o.location).collect()
+    };
+    let named = |prefix: &str| {
+        objects
+            .iter()
+            .find(|p| p.filename().unwrap().starts_with(prefix))
+            .unwrap()
+            .clone()
+    };
+
+    // A writer without a key replaces the second chunk with one whose header claims 64 times
+    // the model's heads: its tokens, binding and checksum are all valid (nothing of them is
+    // secret), so only the model's layout tells it apart. Refused, nothing decoded: the hit
+    // ends at the first chunk.
+    let shape = ChunkShape {
+        n_layers: LAYERS,
+        n_kv_heads: HEADS * 64,
+        head_dim: DIM,
+        n_tokens: CHUNK,
+    };
+    let huge = KvChunk::from_f32_tensors(
+        shape,
+        KvDType::F32,
+        &vec![vec![0.5; shape.tensor_len()]; shape.n_tensors()],
+    )
+    .unwrap();
+    let encoded = codec::encode(&huge, Level::Lossless, m.as_bytes()).unwrap();
+    let plant = |path: Path| {
+        let (backend, encoded) = (backend.clone(), encoded.clone());
+        async move {
+            let honest = backend.get(&path).await.unwrap().bytes().await.unwrap();
+            let binding = Binding {
+                kind: ObjectKind::Chunk,
+                hash: honest[8..40].try_into().unwrap(),
+            };
+            let tokens = seal::peek_tokens(&honest).unwrap();
+            let hostile = seal::seal(binding, &tokens, &encoded, None);
+            backend.put(&path, hostile.into()).await.unwrap();
+        }
+    };
+    plant(named("c-1-")).await;
+    let hit = store
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("the first chunk");
+    assert_eq!(hit.tokens.len(), CHUNK);
+    assert_eq!(hit.layers[0].k.dims(), &[1, HEADS, CHUNK, DIM]);
+    let corrupt = |store: &ObjectPrefixStore| {
+        store
+            .counters()
+            .objects_corrupt
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(corrupt(&store), 1);
+    // The same in the first chunk: nothing to keep, an error that says why.
+    let again = store_over(backend.clone(), Level::Lossless);
+    plant(named("c-0-")).await;
+    match again.load(&m, &prompt, 0).await {
+        Err(StoreError::Corrupt { reason }) => {
+            assert!(reason.contains("the model's cache has"), "{reason}")
+        }
+        other => panic!("a hostile header gave {other:?}"),
+    }
+
+    // An object larger than any chunk of the model can be is refused unread.
+    let first = named("c-0-");
+    backend
+        .put(&first, vec![7u8; 200 * 1024].into())
+        .await
+        .unwrap();
+    match store.load(&m, &prompt, 0).await {
+        Err(StoreError::Corrupt { reason }) => assert!(reason.contains("more than"), "{reason}"),
+        other => panic!("an oversized object gave {other:?}"),
+    }
+    // Without a layout (a fingerprint made up by a tool) the same object is still corrupt,
+    // found by its seal instead.
+    assert!(matches!(
+        store.load(&model(1), &prompt, 0).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+}

@@ -10,10 +10,19 @@
 //!
 //! The hash is BLAKE3 over a versioned, length-prefixed encoding, so it is stable across
 //! processes, machines and Rust releases (unlike `DefaultHasher`).
+//!
+//! A fingerprint of a registered model also carries the cache's layout ([`KvLayout`]: layers, KV
+//! heads, head size, dtype), which the hash covers: stores size every buffer from it and refuse an
+//! object whose header claims another shape before allocating anything, so a small hostile object
+//! cannot make a load allocate gigabytes. Equality and hashing look at the hash alone (equal
+//! hashes of registered models imply equal layouts).
 
-use std::{fmt, fs::File, io, path::PathBuf};
+use std::{fmt, fs::File, hash, io, path::PathBuf};
 
+use candle_core::DType;
 use mistralrs_core::KvModelInfo;
+
+use crate::codec::KvDType;
 
 /// Version of the fingerprint encoding; bump it when the hashed fields change.
 const FINGERPRINT_VERSION: &str = "mistralrs-kvplugin/fingerprint/v2";
@@ -50,9 +59,64 @@ pub enum FingerprintError {
     },
 }
 
-/// A stable 256-bit identity of a model as the KV cache sees it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ModelFingerprint([u8; 32]);
+/// A stable 256-bit identity of a model as the KV cache sees it, with its cache layout when it
+/// comes from a registered model.
+#[derive(Clone, Copy)]
+pub struct ModelFingerprint {
+    hash: [u8; 32],
+    layout: Option<KvLayout>,
+}
+
+/// The shape of one token's cache: what every stored chunk of the model must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Layers.
+    pub n_layers: usize,
+    /// KV heads per layer.
+    pub n_kv_heads: usize,
+    /// Values per head (keys and values alike).
+    pub head_dim: usize,
+    /// The cache's dtype.
+    pub dtype: KvDType,
+}
+
+impl KvLayout {
+    /// K and V values per token, over every layer.
+    pub fn values_per_token(&self) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim
+    }
+
+    /// The layout of a model's cache; `None` where the store cannot keep it (keys and values of
+    /// different sizes, a dtype the codec does not store).
+    pub fn of_model(model: &KvModelInfo) -> Option<Self> {
+        let dtype = match model.dtype {
+            DType::F32 => KvDType::F32,
+            DType::F16 => KvDType::F16,
+            DType::BF16 => KvDType::BF16,
+            _ => return None,
+        };
+        (model.k_head_dim == model.v_head_dim).then_some(Self {
+            n_layers: model.num_layers,
+            n_kv_heads: model.num_kv_heads,
+            head_dim: model.k_head_dim,
+            dtype,
+        })
+    }
+}
+
+impl PartialEq for ModelFingerprint {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+    }
+}
+
+impl Eq for ModelFingerprint {}
+
+impl hash::Hash for ModelFingerprint {
+    fn hash<H: hash::Hasher>(&self, state: &mut H) {
+        self.hash.hash(state);
+    }
+}
 
 impl ModelFingerprint {
     /// Fingerprints the model an engine reports. Reads every weight file once (BLAKE3, memory
@@ -106,22 +170,41 @@ impl ModelFingerprint {
         for path in &model.weight_files {
             field("weights", hash_file(path)?.as_bytes());
         }
-        Ok(Self(*hasher.finalize().as_bytes()))
+        Ok(Self {
+            hash: *hasher.finalize().as_bytes(),
+            layout: KvLayout::of_model(model),
+        })
     }
 
-    /// Builds a fingerprint from raw bytes (for stores that read one back).
+    /// Builds a fingerprint from raw bytes (for stores that read one back), with no layout.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self {
+            hash: bytes,
+            layout: None,
+        }
+    }
+
+    /// The same fingerprint with a cache layout (tools and tests that make fingerprints up).
+    pub fn with_layout(self, layout: KvLayout) -> Self {
+        Self {
+            layout: Some(layout),
+            ..self
+        }
+    }
+
+    /// The cache layout of the model, when known.
+    pub fn layout(&self) -> Option<KvLayout> {
+        self.layout
     }
 
     /// The raw bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
+        &self.hash
     }
 
     /// Lowercase hex, 64 characters.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        self.hash.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

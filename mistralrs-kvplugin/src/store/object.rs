@@ -168,6 +168,22 @@ impl ObjectPrefixStore {
         })
     }
 
+    /// The token ids of a tail object: fewer than a chunk's (a tail claiming more is corrupt,
+    /// and its chunk header must agree with its ids, so decoding it stays within a chunk).
+    pub(super) fn tail_tokens(&self, object: &[u8]) -> Result<Vec<u32>, StoreError> {
+        let tokens = seal::peek_tokens(object)?;
+        if tokens.len() >= self.config.chunk_tokens {
+            return Err(StoreError::Corrupt {
+                reason: format!(
+                    "a tail of {} tokens; tails hold fewer than a chunk's {}",
+                    tokens.len(),
+                    self.config.chunk_tokens
+                ),
+            });
+        }
+        Ok(tokens)
+    }
+
     /// The key objects are sealed with, if any.
     pub(super) fn key(&self) -> Option<&StoreKey> {
         self.config.key.as_deref()
@@ -289,18 +305,45 @@ impl ObjectPrefixStore {
         hashes
     }
 
-    pub(super) async fn get(&self, path: &Path) -> Result<Option<bytes::Bytes>, StoreError> {
-        self.get_with(path, GetOptions::default()).await
+    /// One whole object of `model`'s, refused unread when it is larger than any object of the
+    /// model can be ([`ObjectPrefixStore::object_cap`]).
+    pub(super) async fn get(
+        &self,
+        path: &Path,
+        model: &ModelFingerprint,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.get_with(path, GetOptions::default(), self.object_cap(model))
+            .await
     }
 
-    /// One GET (whole or ranged), counted; a missing object is `None`.
+    /// The most bytes an object of `model` can take (its chunk of `chunk_tokens` tokens coded
+    /// lossless, with room for the codec's framing, and its envelope); `None` when the model's
+    /// layout is unknown.
+    pub(super) fn object_cap(&self, model: &ModelFingerprint) -> Option<u64> {
+        let layout = model.layout()?;
+        let c = self.config.chunk_tokens as u64;
+        let raw = c * layout.values_per_token() as u64 * layout.dtype.size() as u64;
+        Some(seal::HEADER_BYTES as u64 + 4 * c + raw + raw / 4 + (64 << 10))
+    }
+
+    /// One GET (whole or ranged, the whole at most `cap` bytes), counted; a missing object is
+    /// `None`.
     async fn get_with(
         &self,
         path: &Path,
         opts: GetOptions,
+        cap: Option<u64>,
     ) -> Result<Option<bytes::Bytes>, StoreError> {
         match self.store.get_opts(path, opts).await {
             Ok(result) => {
+                if let Some(cap) = cap.filter(|&cap| result.meta.size > cap) {
+                    return Err(StoreError::Corrupt {
+                        reason: format!(
+                            "object is {} bytes, more than the {cap} any of this model's can take",
+                            result.meta.size
+                        ),
+                    });
+                }
                 let bytes = result
                     .bytes()
                     .await
@@ -324,7 +367,7 @@ impl ObjectPrefixStore {
             )),
             ..Default::default()
         };
-        self.get_with(path, opts)
+        self.get_with(path, opts, None)
             .await?
             .map(|bytes| seal::peek_tokens(&bytes))
             .transpose()
@@ -579,7 +622,7 @@ impl ObjectPrefixStore {
         // earlier fetches its own tail afterwards and ignores this one.
         let full_run_tail = async {
             if max_full * c < usable {
-                self.get(&self.tail_path(&model, max_full, &hashes[max_full]))
+                self.get(&self.tail_path(&model, max_full, &hashes[max_full]), &model)
                     .await
             } else {
                 Ok(None)
@@ -596,7 +639,7 @@ impl ObjectPrefixStore {
             let mut chunks = stream::iter(0..max_full)
                 .map(|i| {
                     let path = self.chunk_path(&model, i, &chain[i], &chain[i + 1], level);
-                    async move { self.get(&path).await }
+                    async move { self.get(&path, &model).await }
                 })
                 .buffered(concurrency);
             while let Some(fetched) = chunks.next().await {
@@ -702,10 +745,10 @@ impl ObjectPrefixStore {
         let tail = if n_full == max_full {
             full_run_tail?
         } else {
-            self.get(&tail_path).await?
+            self.get(&tail_path, &model).await?
         };
         if let Some(bytes) = tail {
-            match seal::peek_tokens(&bytes) {
+            match self.tail_tokens(&bytes) {
                 Ok(tokens) => {
                     let take = common_prefix_len(&tokens, &prompt[covered..usable]);
                     if take > 0 {
@@ -827,6 +870,31 @@ pub(super) fn parse_object<'a>(
 ) -> Result<(Vec<u32>, ParsedChunk<'a>), StoreError> {
     let (tokens, encoded) = seal::open(bytes, binding, key)?;
     let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
+    if let Some(layout) = model.layout() {
+        let (s, dtype) = (chunk.header().shape, chunk.header().dtype);
+        if (s.n_layers, s.n_kv_heads, s.head_dim, dtype)
+            != (
+                layout.n_layers,
+                layout.n_kv_heads,
+                layout.head_dim,
+                layout.dtype,
+            )
+        {
+            return Err(StoreError::Corrupt {
+                reason: format!(
+                    "object's chunk has {} layers x {} heads x {} ({dtype:?}); the model's cache \
+                     has {} x {} x {} ({:?})",
+                    s.n_layers,
+                    s.n_kv_heads,
+                    s.head_dim,
+                    layout.n_layers,
+                    layout.n_kv_heads,
+                    layout.head_dim,
+                    layout.dtype
+                ),
+            });
+        }
+    }
     if chunk.header().shape.n_tokens != tokens.len() {
         return Err(StoreError::Corrupt {
             reason: "object's token count differs from its chunk's".into(),

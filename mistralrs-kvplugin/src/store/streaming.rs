@@ -234,7 +234,7 @@ impl ObjectPrefixStore {
                 Some(p) => {
                     let limit =
                         p.fetch_timeout(at, offer, &offers[i + 1..], prompt.len(), expected);
-                    match tokio::time::timeout(limit, self.get(&path)).await {
+                    match tokio::time::timeout(limit, self.get(&path, model)).await {
                         Ok(fetched) => fetched,
                         Err(_) => {
                             p.observe_timeout(expected, fetch_started.elapsed());
@@ -244,7 +244,7 @@ impl ObjectPrefixStore {
                         }
                     }
                 }
-                None => self.get(&path).await,
+                None => self.get(&path, model).await,
             };
             let took = fetch_started.elapsed();
             // The previous chunk decoded while this one was in flight.
@@ -286,7 +286,7 @@ impl ObjectPrefixStore {
             if let Some(p) = planner.as_mut() {
                 p.observe(bytes.len() as u64, took);
             }
-            let take = match tokens_to_use(&bytes, prompt, offer, chunk.is_tail) {
+            let take = match self.tokens_to_use(&bytes, prompt, offer, chunk.is_tail) {
                 Ok(take) => take,
                 Err(e) => {
                     self.found_bad(&path, &e);
@@ -471,23 +471,25 @@ pub(super) async fn join_decode(task: DecodeTask) -> BatchDecoded {
 
 /// How many of the object's tokens to use: all of a full chunk's (which must be the prompt's),
 /// the part of a tail the prompt shares.
-fn tokens_to_use(
-    bytes: &[u8],
-    prompt: &[u32],
-    offer: &ChunkOffer,
-    is_tail: bool,
-) -> Result<usize, StoreError> {
-    let tokens = seal::peek_tokens(bytes)?;
-    let want = &prompt[offer.start..offer.start + offer.tokens];
-    if is_tail {
-        return Ok(common_prefix_len(&tokens, want));
+impl ObjectPrefixStore {
+    fn tokens_to_use(
+        &self,
+        bytes: &[u8],
+        prompt: &[u32],
+        offer: &ChunkOffer,
+        is_tail: bool,
+    ) -> Result<usize, StoreError> {
+        let want = &prompt[offer.start..offer.start + offer.tokens];
+        if is_tail {
+            return Ok(common_prefix_len(&self.tail_tokens(bytes)?, want));
+        }
+        if seal::peek_tokens(bytes)? != want {
+            return Err(StoreError::Corrupt {
+                reason: "object's tokens differ from the prompt's".into(),
+            });
+        }
+        Ok(offer.tokens)
     }
-    if tokens != want {
-        return Err(StoreError::Corrupt {
-            reason: "object's tokens differ from the prompt's".into(),
-        });
-    }
-    Ok(offer.tokens)
 }
 
 /// One object to decode: its first `take` tokens go to rows `offset..offset + take`.
