@@ -4,7 +4,7 @@
 //! ```toml
 //! namespace = "kvplugin"
 //! chunk_tokens = 256
-//! level = "high"               # lossless | high | fine | default | coarse
+//! level = "lossless"           # lossless (exact) | high | fine | default | coarse (lossy: approximate)
 //! extra_levels = []            # e.g. ["default", "coarse"]: chunks also written at these
 //! fetch_concurrency = 8
 //! max_pending_saves = 4
