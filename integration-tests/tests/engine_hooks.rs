@@ -460,3 +460,29 @@ async fn a_lossy_hit_is_approximate_and_neither_saved_again_nor_kept_by_the_engi
         "nothing of the lossy sequences was written back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_whose_buffers_exceed_the_memory_budget_is_not_made_and_answers_as_stock() {
+    let Saved {
+        prompt_b,
+        expected,
+        store,
+        ..
+    } = saved_by_engine_a(DOC_TOKENS).await;
+    // A 400-token SmolLM2 cache decodes into about 18 MB of F32: more than a 16 MiB budget.
+    let hook_b = Arc::new(KvPluginHook::new(
+        store.clone() as Arc<dyn PrefixStore>,
+        HookConfig {
+            lookup_memory_bytes: 16 << 20,
+            ..HookConfig::default()
+        },
+    ));
+    let engine_b = LocalEngine::start(gguf_options().with_kv_hook(hook_b.clone()))
+        .await
+        .unwrap();
+    let got = engine_b.complete(&prompt_b, NEW_TOKENS).await.unwrap();
+    let b = wait_for(&hook_b, 1, 1).await;
+    assert_eq!((b.lookups_over_budget, b.hits), (1, 0), "{b:?}");
+    assert_eq!(b.lookup_failures, 0, "not a failure: {b:?}");
+    assert_eq!(got.tokens, expected.tokens, "a recompute answers as stock");
+}

@@ -12,6 +12,9 @@
 //! blend_timeout_ms = 120000        # a blended lookup (it may compute its documents)
 //! min_prefix_tokens = 16
 //! read_only = false            # true: look up only, never save
+//! lookup_memory_mb = 4096      # decode buffers of all lookups in flight; one that does not fit
+//!                              # is not made (a recompute)
+//! max_fetches_in_flight = 32   # GETs and HEADs in flight across all lookups
 //!
 //! [store]
 //! url = "file:///var/cache/kvplugin"   # or a plain path, "memory://", "s3://bucket"
@@ -21,6 +24,8 @@
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //! allow_http = true
 //! request_timeout_ms = 5000
+//! breaker_failures = 5                # failed requests in a row that skip the store for
+//! breaker_cool_down_ms = 10000         #   a cool-down (then one probe); 0: never skipped
 //! key_file = "/etc/kvplugin/key"      # the deployment's secret: objects sealed with a MAC, names
 //!                                      # keyed (a shared bucket needs one; `kvplugin store keygen`)
 //! max_bytes = "20G"                    # optional bound: the GC deletes the oldest chains beyond it
@@ -67,7 +72,10 @@ use serde::Deserialize;
 use crate::{
     codec::Level,
     hook::HookConfig,
-    store::{ObjectPrefixStore, ObjectStoreConfig, StoreKey},
+    store::{
+        breaker::{BreakerSettings, CircuitBreaker},
+        ObjectPrefixStore, ObjectStoreConfig, StoreKey,
+    },
     stream::{PlannerInputs, PrefillModel, StreamPolicy},
 };
 
@@ -189,6 +197,11 @@ pub struct StoreSettings {
     pub gc_grace: String,
     /// How often `kvplugin serve` runs the GC when `max_bytes` or `ttl` is set.
     pub sweep_interval: String,
+    /// Failed requests in a row after which the store is skipped for a cool-down (lookups
+    /// recompute at once instead of waiting for timeouts); 0 turns the breaker off.
+    pub breaker_failures: u32,
+    /// How long the store is skipped before one request probes it again.
+    pub breaker_cool_down_ms: u64,
     /// A file holding the deployment's secret (see [`crate::store::seal`]). Unset: objects
     /// carry checksums only, which stop accidents, not writers.
     pub key_file: Option<String>,
@@ -209,6 +222,8 @@ impl Default for StoreSettings {
             gc_grace: "10m".into(),
             sweep_interval: "10m".into(),
             key_file: None,
+            breaker_failures: BreakerSettings::default().failures,
+            breaker_cool_down_ms: BreakerSettings::default().cool_down.as_millis() as u64,
         }
     }
 }
@@ -239,6 +254,10 @@ pub struct PluginConfig {
     pub min_prefix_tokens: usize,
     /// Only look up, never save.
     pub read_only: bool,
+    /// MiB of decode buffers all lookups in flight may hold together.
+    pub lookup_memory_mb: u64,
+    /// Store reads (GET, HEAD) in flight at once across all lookups.
+    pub max_fetches_in_flight: usize,
     /// Adaptive streaming of lookups; absent: whole loads at `level`.
     pub stream: Option<StreamSettings>,
     /// Blended lookups (CacheBlend): selection steps, deviation, document-cache memory,
@@ -266,6 +285,8 @@ impl Default for PluginConfig {
             blend_timeout_ms: hook.blend_timeout.as_millis() as u64,
             min_prefix_tokens: hook.min_prefix_tokens,
             read_only: hook.read_only,
+            lookup_memory_mb: hook.lookup_memory_bytes >> 20,
+            max_fetches_in_flight: store.max_fetches_in_flight,
             stream: None,
             blend: hook.blend,
             store_key: None,
@@ -371,6 +392,9 @@ impl PluginConfig {
         if self.fetch_concurrency == 0 {
             return Err(bad("fetch_concurrency", "must be at least 1"));
         }
+        if self.max_fetches_in_flight == 0 {
+            return Err(bad("max_fetches_in_flight", "must be at least 1"));
+        }
         if self.max_pending_saves == 0 {
             return Err(bad("max_pending_saves", "must be at least 1"));
         }
@@ -433,8 +457,23 @@ impl PluginConfig {
             .collect()
     }
 
-    /// Opens the backend the store settings describe.
+    /// Opens the backend the store settings describe, behind a circuit breaker (see
+    /// [`crate::store::breaker`]) unless `breaker_failures` is 0 or the store is in memory.
     pub fn open_backend(&self) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+        let backend = self.open_raw_backend()?;
+        if self.store.breaker_failures == 0 || self.store.url == "memory://" {
+            return Ok(backend);
+        }
+        Ok(Arc::new(CircuitBreaker::new(
+            backend,
+            BreakerSettings {
+                failures: self.store.breaker_failures,
+                cool_down: Duration::from_millis(self.store.breaker_cool_down_ms),
+            },
+        )))
+    }
+
+    fn open_raw_backend(&self) -> Result<Arc<dyn ObjectStore>, ConfigError> {
         let s = &self.store;
         if s.url == "memory://" {
             return Ok(Arc::new(InMemory::new()));
@@ -486,6 +525,7 @@ impl PluginConfig {
                 level: self.level()?,
                 extra_levels: self.extra_levels()?,
                 fetch_concurrency: self.fetch_concurrency,
+                max_fetches_in_flight: self.max_fetches_in_flight,
                 key: self.key()?,
             },
         )
@@ -548,6 +588,7 @@ impl PluginConfig {
             blend_timeout: Duration::from_millis(self.blend_timeout_ms),
             min_prefix_tokens: self.min_prefix_tokens,
             read_only: self.read_only,
+            lookup_memory_bytes: self.lookup_memory_mb << 20,
             stream: self.stream.as_ref().map(StreamSettings::policy),
             blend: self.blend.clone(),
         }

@@ -6,6 +6,10 @@
 //! - Saves never block the engine and never grow memory without bound: at most
 //!   [`HookConfig::max_pending_saves`] saves are in flight; further ones are dropped and counted.
 //!   Copying the engine's tensors to the host runs on the blocking pool, not on the async runtime.
+//! - Lookups in flight never hold more than [`HookConfig::lookup_memory_bytes`] of decode
+//!   buffers together: each reserves its buffers' bytes (from the registered model's layout)
+//!   before it starts, and one that does not fit is not made (a recompute, counted), never
+//!   queued.
 //! - Every failure in a load is a miss (counted and logged with its reason), never an error the
 //!   engine sees; the engine then recomputes from text. A streamed load that fails part-way
 //!   installs the chunks that arrived and leaves the rest to the engine.
@@ -41,6 +45,7 @@ use crate::{
         BlendConfig, BlendPlan, BlendPrompt, BlendReport, ChunkCache, ChunkSource, PlanBook,
         RatioController,
     },
+    codec::KvDType,
     fingerprint::ModelFingerprint,
     metrics::{Metrics, MetricsSnapshot},
     store::PrefixStore,
@@ -64,6 +69,8 @@ pub struct HookConfig {
     pub min_prefix_tokens: usize,
     /// Only look up, never save (an engine that reads a cache others fill).
     pub read_only: bool,
+    /// Bytes of decode buffers every lookup in flight may hold together (see the module docs).
+    pub lookup_memory_bytes: u64,
     /// How lookups load: `None`, whole prefixes at the store's level; otherwise chunk by chunk
     /// under this policy (see [`crate::stream`]). Changeable at run time with
     /// [`KvPluginHook::set_stream_policy`].
@@ -81,6 +88,7 @@ impl Default for HookConfig {
             blend_timeout: Duration::from_secs(120),
             min_prefix_tokens: 16,
             read_only: false,
+            lookup_memory_bytes: 4 << 30,
             stream: None,
             blend: BlendConfig::default(),
         }
@@ -97,6 +105,8 @@ pub struct KvPluginHook {
     /// without a copy).
     engine_model: OnceLock<Arc<KvModelInfo>>,
     save_slots: Arc<Semaphore>,
+    /// The lookup memory budget, in MiB permits.
+    lookup_memory: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     stream_policy: Mutex<Option<StreamPolicy>>,
     last_stream: Mutex<Option<StreamReport>>,
@@ -127,6 +137,9 @@ impl KvPluginHook {
     pub fn new(store: Arc<dyn PrefixStore>, config: HookConfig) -> Self {
         Self {
             save_slots: Arc::new(Semaphore::new(config.max_pending_saves)),
+            lookup_memory: Arc::new(Semaphore::new(
+                (config.lookup_memory_bytes >> 20).min(Semaphore::MAX_PERMITS as u64) as usize,
+            )),
             stream_policy: Mutex::new(config.stream.clone()),
             last_stream: Mutex::new(None),
             layers: OnceLock::new(),
@@ -440,6 +453,31 @@ impl KvPluginHook {
             }
         }
         *lock(&self.last_stream) = Some(report.clone());
+    }
+
+    /// Reserves, from the lookup memory budget, what decoding `rows` rows takes: the store's F32
+    /// buffers, and a copy in the cache's dtype when that is another. `None` when it does not
+    /// fit now. A model without a known layout reserves nothing.
+    fn reserve_lookup_memory(
+        &self,
+        model: &ModelFingerprint,
+        rows: usize,
+    ) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        let Some(layout) = model.layout() else {
+            return Some(None);
+        };
+        let per_value = 4 + if layout.dtype == KvDType::F32 {
+            0
+        } else {
+            layout.dtype.size()
+        };
+        let bytes = rows as u64 * layout.values_per_token() as u64 * per_value as u64;
+        let mib = u32::try_from(bytes.div_ceil(1 << 20)).ok()?;
+        self.lookup_memory
+            .clone()
+            .try_acquire_many_owned(mib)
+            .ok()
+            .map(Some)
     }
 
     fn count_failure(&self, kind: &str) {
@@ -799,6 +837,15 @@ impl KvHook for KvPluginHook {
         // cache without a copy.
         let engine_model = self.engine_model.get().cloned();
         let capacity = move |n: usize| engine_model.as_ref().map_or(n, |m| m.cache_capacity(n));
+        // Held until the load is handed over (the engine then owns the buffers as its cache).
+        let Some(_reserved) = self.reserve_lookup_memory(&model, capacity(prompt.len() - 1)) else {
+            tracing::debug!(
+                prompt_tokens = prompt.len(),
+                "kvplugin: the lookup memory budget is spent; recomputing"
+            );
+            self.metrics.lookups_over_budget(1);
+            return None;
+        };
         let lookup = async {
             match &policy {
                 Some(policy) => self

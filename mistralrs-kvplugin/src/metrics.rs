@@ -36,6 +36,7 @@ pub struct Metrics {
     finished_sequences: AtomicU64,
     refused_engines: AtomicU64,
     skipped_lookups: AtomicU64,
+    lookups_over_budget: AtomicU64,
     engine_prefix_hits: AtomicU64,
     engine_evictions: AtomicU64,
     scheduled_sequences: AtomicU64,
@@ -112,6 +113,9 @@ pub struct MetricsSnapshot {
     pub refused_engines: u64,
     /// Prompts the engine did not look up because the hook's synchronous filter said no.
     pub skipped_lookups: u64,
+    /// Lookups not made because the buffers they would decode into did not fit in what is left
+    /// of the lookup memory budget (`HookConfig::lookup_memory_bytes`); each a recompute.
+    pub lookups_over_budget: u64,
     /// Prompts the engine's own in-memory prefix cache served (no store prefix installed).
     pub engine_prefix_hits: u64,
     /// Prefixes the engine dropped from its own prefix cache.
@@ -197,6 +201,7 @@ counters!(
     finished_sequences,
     refused_engines,
     skipped_lookups,
+    lookups_over_budget,
     engine_prefix_hits,
     engine_evictions,
     scheduled_sequences,

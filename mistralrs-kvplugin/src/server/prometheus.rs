@@ -183,6 +183,11 @@ fn register_hook(r: &mut Registry, m: &MetricsSnapshot) {
         counter(m.skipped_lookups),
     );
     r.register(
+        "lookups_over_budget",
+        "Lookups not made because their buffers did not fit in the lookup memory budget",
+        counter(m.lookups_over_budget),
+    );
+    r.register(
         "lookups",
         "Store lookups (LMCache: lmcache:num_retrieve_requests)",
         counter(m.lookups),

@@ -9,6 +9,7 @@
 //!   one prompt token for the engine to prefill (the engine needs logits for the last token).
 
 pub mod admin;
+pub mod breaker;
 pub mod layout;
 mod memory;
 mod object;

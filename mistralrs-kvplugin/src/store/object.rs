@@ -82,8 +82,11 @@ pub struct ObjectStoreConfig {
     /// Further levels every full chunk is also written at, for loaders that choose a level per
     /// chunk ([`ObjectPrefixStore::load_at`]); tails are written once, lossless.
     pub extra_levels: Vec<Level>,
-    /// Chunks fetched at once.
+    /// Chunks fetched at once by one load.
     pub fetch_concurrency: usize,
+    /// Reads (GET, HEAD) in flight at once across every load of this store: the bound on its
+    /// connections and blocking threads whatever the number of lookups.
+    pub max_fetches_in_flight: usize,
     /// The deployment's secret: objects are sealed with a MAC under it and their names are
     /// keyed by it; objects without its MAC are refused. `None`: checksums only, which stop
     /// accidents, not writers (a shared bucket needs a key).
@@ -101,6 +104,7 @@ impl Default for ObjectStoreConfig {
             level: Level::Lossless,
             extra_levels: Vec::new(),
             fetch_concurrency: 8,
+            max_fetches_in_flight: 32,
             key: None,
         }
     }
@@ -140,6 +144,8 @@ pub struct ObjectPrefixStore {
     counters: ObjectStoreCounters,
     /// Objects a load found bad, for the next save to overwrite.
     needs_repair: Mutex<HashSet<Path>>,
+    /// Permits for reads in flight ([`ObjectStoreConfig::max_fetches_in_flight`]).
+    reads: tokio::sync::Semaphore,
 }
 
 impl ObjectPrefixStore {
@@ -154,17 +160,23 @@ impl ObjectPrefixStore {
                 });
             }
         }
-        if config.fetch_concurrency == 0 {
-            return Err(StoreError::Config {
-                field: "fetch_concurrency",
-                reason: "must be at least 1".into(),
-            });
+        for (field, value) in [
+            ("fetch_concurrency", config.fetch_concurrency),
+            ("max_fetches_in_flight", config.max_fetches_in_flight),
+        ] {
+            if value == 0 {
+                return Err(StoreError::Config {
+                    field,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         Ok(Self {
             store,
-            config,
             counters: ObjectStoreCounters::default(),
             needs_repair: Mutex::new(HashSet::new()),
+            reads: tokio::sync::Semaphore::new(config.max_fetches_in_flight),
+            config,
         })
     }
 
@@ -334,6 +346,7 @@ impl ObjectPrefixStore {
         opts: GetOptions,
         cap: Option<u64>,
     ) -> Result<Option<bytes::Bytes>, StoreError> {
+        let _read = self.read_permit().await?;
         match self.store.get_opts(path, opts).await {
             Ok(result) => {
                 if let Some(cap) = cap.filter(|&cap| result.meta.size > cap) {
@@ -399,7 +412,16 @@ impl ObjectPrefixStore {
         }
     }
 
+    /// A permit for one read (see [`ObjectStoreConfig::max_fetches_in_flight`]).
+    pub(super) async fn read_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        self.reads
+            .acquire()
+            .await
+            .map_err(|_| StoreError::backend("the store is closed"))
+    }
+
     async fn exists(&self, path: &Path) -> Result<bool, StoreError> {
+        let _read = self.read_permit().await?;
         match self.store.head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),

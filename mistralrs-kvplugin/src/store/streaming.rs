@@ -424,6 +424,7 @@ impl ObjectPrefixStore {
 
     /// The size of the object at `path`; `None` when there is none.
     async fn size_of(&self, path: &Path) -> Result<Option<u64>, StoreError> {
+        let _read = self.read_permit().await?;
         match self.store.head(path).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
