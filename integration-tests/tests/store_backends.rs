@@ -11,7 +11,7 @@ use integration_tests::{
 };
 use mistralrs_kvplugin::{
     codec::Level,
-    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
+    store::{durable::SyncedLocal, ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
 };
 use object_store::{local::LocalFileSystem, memory::InMemory, ObjectStore};
 
@@ -26,8 +26,11 @@ async fn memory_backend() {
 async fn local_filesystem_backend() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
+    // As `[store] url` opens a folder: writes synced before they are acknowledged.
     let open = move || -> Arc<dyn ObjectStore> {
-        Arc::new(LocalFileSystem::new_with_prefix(&path).unwrap())
+        Arc::new(SyncedLocal::new(
+            LocalFileSystem::new_with_prefix(&path).unwrap(),
+        ))
     };
     behaviour_suite(open(), open).await;
 }

@@ -74,6 +74,7 @@ use crate::{
     hook::HookConfig,
     store::{
         breaker::{BreakerSettings, CircuitBreaker},
+        durable::SyncedLocal,
         ObjectPrefixStore, ObjectStoreConfig, StoreKey,
     },
     stream::{PlannerInputs, PrefillModel, StreamPolicy},
@@ -510,9 +511,9 @@ impl PluginConfig {
         }
         let path = s.url.strip_prefix("file://").unwrap_or(&s.url);
         std::fs::create_dir_all(path).map_err(|e| bad("store.url", format!("{path}: {e}")))?;
-        Ok(Arc::new(
+        Ok(Arc::new(SyncedLocal::new(
             LocalFileSystem::new_with_prefix(path).map_err(|e| bad("store.url", e.to_string()))?,
-        ))
+        )))
     }
 
     /// The chunked store over the configured backend.

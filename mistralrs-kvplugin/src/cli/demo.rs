@@ -21,7 +21,7 @@ use crate::{
     engine::{document_prompt, EngineOptions, LocalEngine, PagedOptions},
     hook::{HookConfig, KvPluginHook},
     model,
-    store::{layout::ObjectName, ObjectPrefixStore, ObjectStoreConfig},
+    store::{durable::SyncedLocal, layout::ObjectName, ObjectPrefixStore, ObjectStoreConfig},
 };
 
 /// Arguments of `kvplugin demo`.
@@ -144,9 +144,9 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&args.store)?;
     }
     std::fs::create_dir_all(&args.store)?;
-    let backend: Arc<dyn object_store::ObjectStore> = Arc::new(
+    let backend: Arc<dyn object_store::ObjectStore> = Arc::new(SyncedLocal::new(
         object_store::local::LocalFileSystem::new_with_prefix(&args.store)?,
-    );
+    ));
     // One store writes every level at once; each reader loads at its own.
     let store_at = |level: Level, extra: Vec<Level>| -> anyhow::Result<Arc<ObjectPrefixStore>> {
         Ok(Arc::new(ObjectPrefixStore::new(

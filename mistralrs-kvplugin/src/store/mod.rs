@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod durable;
 pub mod layout;
 mod memory;
 mod object;
