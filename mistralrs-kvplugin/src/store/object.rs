@@ -57,7 +57,10 @@ use super::layout::{short_hash, ObjectName, LAYOUT_VERSION};
 use super::{
     common_prefix_len,
     seal::{self, Binding, ObjectKind, StoreKey},
-    streaming::{decode_parts_into, into_prefix, join_decode, DecodeBuffers, DecodePart},
+    streaming::{
+        decode_parts_into, into_prefix, join_decode, Cancel, DecodeBuffers, DecodeContext,
+        DecodePart,
+    },
     validate_prefix, PrefixStore, RowCapacity, SaveOutcome, StoreError, StreamedLoad,
 };
 use crate::{
@@ -638,6 +641,15 @@ impl ObjectPrefixStore {
         let hashes = self.chain(model, prompt, max_full);
         let n_alloc = capacity(usable).max(usable);
         let model = *model;
+        // Decodes on the blocking pool stop once this load is dropped (a timed-out lookup).
+        let cancel = Cancel::default();
+        let _abandon = cancel.on_drop();
+        let ctx = DecodeContext {
+            model,
+            key: self.config.key.clone(),
+            n_alloc,
+            cancel,
+        };
 
         // The tail after the longest possible run: a full hit needs it, so it is fetched
         // alongside the chunks instead of after them (one round trip less); a run that ends
@@ -687,6 +699,7 @@ impl ObjectPrefixStore {
         //
         // A bad chunk (tokens, seal, format) ends the run where it starts: the chunks before it
         // are kept, the first error is returned alongside them.
+        let run_ctx = &ctx;
         let decode_run = async move {
             let mut buffers: Option<DecodeBuffers> = None;
             let mut decoded = 0;
@@ -727,8 +740,7 @@ impl ObjectPrefixStore {
                 if decoded + waiting.len() * c > min_tokens {
                     let batch = std::mem::take(&mut waiting);
                     let first_index = decoded / c;
-                    let (good, failure) =
-                        self.decode_batch(&mut buffers, batch, model, n_alloc).await;
+                    let (good, failure) = self.decode_batch(&mut buffers, batch, run_ctx).await;
                     decoded += good * c;
                     if let Some((part, e)) = failure {
                         if let Some(part) = part {
@@ -795,9 +807,7 @@ impl ObjectPrefixStore {
         if !waiting.is_empty() {
             let first_index = decoded / c;
             let n_parts = waiting.len();
-            let (good, failure) = self
-                .decode_batch(&mut buffers, waiting, model, n_alloc)
-                .await;
+            let (good, failure) = self.decode_batch(&mut buffers, waiting, &ctx).await;
             if let Some((part, e)) = failure {
                 // The last part may be the tail.
                 let path = match part {
@@ -853,13 +863,12 @@ impl ObjectPrefixStore {
         &self,
         buffers: &mut Option<DecodeBuffers>,
         parts: Vec<DecodePart>,
-        model: ModelFingerprint,
-        n_alloc: usize,
+        ctx: &DecodeContext,
     ) -> (usize, Option<(Option<usize>, StoreError)>) {
         let held = buffers.take();
-        let key = self.config.key.clone();
+        let ctx = ctx.clone();
         let decoded = join_decode(tokio::task::spawn_blocking(move || {
-            decode_parts_into(held, &parts, &model, key.as_deref(), n_alloc)
+            decode_parts_into(held, &parts, &ctx)
         }))
         .await;
         *buffers = decoded.buffers;

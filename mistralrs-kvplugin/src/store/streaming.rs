@@ -19,7 +19,13 @@
 //! - Every value is written once: each tensor is allocated once for everything discovered and
 //!   chunks decode straight into it; a load that ends early copies the covered part out once.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
@@ -142,6 +148,8 @@ impl ObjectPrefixStore {
         capacity: &RowCapacity,
     ) -> Result<StreamedLoad, StoreError> {
         let started = Instant::now();
+        let cancel = Cancel::default();
+        let _abandon = cancel.on_drop();
         let mut planner = match policy {
             StreamPolicy::Adaptive(inputs) => Some(StreamPlanner::new(*inputs)),
             _ => None,
@@ -312,11 +320,14 @@ impl ObjectPrefixStore {
                 take,
                 binding: chunk.binding(),
             };
-            let key = self.config.key.clone();
+            let ctx = DecodeContext {
+                model,
+                key: self.config.key.clone(),
+                n_alloc,
+                cancel: cancel.clone(),
+            };
             pending = Some(Pending {
-                task: tokio::task::spawn_blocking(move || {
-                    decode_parts_into(held, &[part], &model, key.as_deref(), n_alloc)
-                }),
+                task: tokio::task::spawn_blocking(move || decode_parts_into(held, &[part], &ctx)),
                 decision: report.chunks.len() - 1,
                 end: offset + take,
                 bytes: n_bytes,
@@ -502,6 +513,47 @@ pub(super) struct DecodePart {
     pub(super) binding: Binding,
 }
 
+/// What a decode on the blocking pool needs besides its parts.
+#[derive(Clone)]
+pub(super) struct DecodeContext {
+    pub(super) model: ModelFingerprint,
+    pub(super) key: Option<Arc<StoreKey>>,
+    /// Rows of the buffers, allocated on the first part.
+    pub(super) n_alloc: usize,
+    pub(super) cancel: Cancel,
+}
+
+/// Set once the load that started a decode is gone (timed out, or its future dropped): the
+/// decode then stops at its next tensor instead of running to the end for nobody.
+#[derive(Clone, Default)]
+pub(super) struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A guard that sets the flag when it is dropped (hold it in the load's future).
+    pub(super) fn on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// See [`Cancel::on_drop`].
+pub(super) struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0 .0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn abandoned() -> StoreError {
+    StoreError::Timeout {
+        reason: "the lookup was abandoned; decoding stopped".into(),
+    }
+}
+
 /// Opens `parts` (seal, binding, format, model and shape: in parallel, before any value is
 /// read), then decodes the good ones before the first bad one into `buffers` (allocating them,
 /// for `n_alloc` tokens, on the first part), every tensor in parallel and each tensor's parts in
@@ -511,11 +563,17 @@ pub(super) struct DecodePart {
 pub(super) fn decode_parts_into(
     buffers: Option<DecodeBuffers>,
     parts: &[DecodePart],
-    model: &ModelFingerprint,
-    key: Option<&StoreKey>,
-    n_alloc: usize,
+    ctx: &DecodeContext,
 ) -> BatchDecoded {
     let started = Instant::now();
+    let (model, key, n_alloc) = (&ctx.model, ctx.key.as_deref(), ctx.n_alloc);
+    if ctx.cancel.is_set() {
+        return BatchDecoded {
+            buffers,
+            result: Err((None, abandoned())),
+            good_parts: 0,
+        };
+    }
     let opened: Vec<_> = parts
         .par_iter()
         .map(|p| parse_object(&p.bytes, p.binding, model, key).map(|(_, chunk)| chunk))
@@ -577,6 +635,9 @@ pub(super) fn decode_parts_into(
         .par_iter_mut()
         .enumerate()
         .try_for_each(|(t, data)| {
+            if ctx.cancel.is_set() {
+                return Err((None, abandoned()));
+            }
             chunks
                 .iter()
                 .zip(parts)
@@ -683,4 +744,60 @@ pub(super) fn into_prefix(
         approximate_from,
         ..prefix_of(tokens, tensors)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{self, ChunkShape, KvChunk};
+
+    fn part() -> DecodePart {
+        let shape = ChunkShape {
+            n_layers: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            n_tokens: 8,
+        };
+        let chunk = KvChunk::from_f32_tensors(
+            shape,
+            KvDType::F32,
+            &vec![vec![0.25; shape.tensor_len()]; shape.n_tensors()],
+        )
+        .unwrap();
+        let encoded = codec::encode(&chunk, Level::Lossless, &[3; 32]).unwrap();
+        let binding = Binding {
+            kind: ObjectKind::Chunk,
+            hash: [1; 32],
+        };
+        DecodePart {
+            bytes: seal::seal(binding, &[0; 8], &encoded, None).into(),
+            offset: 0,
+            take: 8,
+            binding,
+        }
+    }
+
+    #[test]
+    fn an_abandoned_load_stops_decoding_and_allocates_nothing() {
+        let ctx = DecodeContext {
+            model: ModelFingerprint::from_bytes([3; 32]),
+            key: None,
+            n_alloc: 8,
+            cancel: Cancel::default(),
+        };
+        let done = decode_parts_into(None, &[part()], &ctx);
+        assert!(done.result.is_ok());
+        assert_eq!(done.good_parts, 1);
+        assert_eq!(done.buffers.unwrap().data[0][..4], [0.25; 4]);
+
+        // The load's future is dropped: its guard sets the flag.
+        drop(ctx.cancel.on_drop());
+        let done = decode_parts_into(None, &[part()], &ctx);
+        assert!(matches!(
+            done.result,
+            Err((None, StoreError::Timeout { .. }))
+        ));
+        assert_eq!(done.good_parts, 0);
+        assert!(done.buffers.is_none(), "nothing was allocated");
+    }
 }
