@@ -171,8 +171,8 @@ fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Where the store is.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Where the store is. Its `Debug` output never shows the S3 secret.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     /// `file:///path`, a plain path, `memory://`, or `s3://bucket`.
@@ -206,6 +206,46 @@ pub struct StoreSettings {
     /// A file holding the deployment's secret (see [`crate::store::seal`]). Unset: objects
     /// carry checksums only, which stop accidents, not writers.
     pub key_file: Option<String>,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            url,
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            allow_http,
+            request_timeout_ms,
+            max_bytes,
+            ttl,
+            gc_grace,
+            sweep_interval,
+            breaker_failures,
+            breaker_cool_down_ms,
+            key_file,
+        } = self;
+        f.debug_struct("StoreSettings")
+            .field("url", url)
+            .field("endpoint", endpoint)
+            .field("region", region)
+            .field("access_key_id", access_key_id)
+            .field(
+                "secret_access_key",
+                &secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("allow_http", allow_http)
+            .field("request_timeout_ms", request_timeout_ms)
+            .field("max_bytes", max_bytes)
+            .field("ttl", ttl)
+            .field("gc_grace", gc_grace)
+            .field("sweep_interval", sweep_interval)
+            .field("breaker_failures", breaker_failures)
+            .field("breaker_cool_down_ms", breaker_cool_down_ms)
+            .field("key_file", key_file)
+            .finish()
+    }
 }
 
 impl Default for StoreSettings {
@@ -481,9 +521,11 @@ impl PluginConfig {
         }
         if let Some(bucket) = s.url.strip_prefix("s3://") {
             let timeout = Duration::from_millis(s.request_timeout_ms);
-            let mut b = AmazonS3Builder::new()
+            // The standard credential chain first (AWS_* variables with session tokens, web
+            // identity, ECS/EKS container credentials, then instance metadata); settings in the
+            // file override it.
+            let mut b = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
-                .with_region(s.region.clone().unwrap_or_else(|| "us-east-1".into()))
                 .with_allow_http(s.allow_http)
                 .with_client_options(
                     ClientOptions::new()
@@ -496,6 +538,9 @@ impl PluginConfig {
                     retry_timeout: timeout,
                     ..Default::default()
                 });
+            if let Some(region) = &s.region {
+                b = b.with_region(region);
+            }
             if let Some(endpoint) = &s.endpoint {
                 // S3-compatible servers on an address take path-style requests.
                 b = b
@@ -713,6 +758,12 @@ mod tests {
         c.apply_env(env).unwrap();
         assert_eq!(c.store.url, "s3://bucket");
         assert_eq!(c.chunk_tokens, 64);
+        // Printing the config never shows the S3 secret.
+        let printed = format!("{c:?}");
+        assert!(
+            printed.contains("<redacted>") && !printed.contains("\"secret\""),
+            "{printed}"
+        );
         let err = c
             .apply_env(|k| (k == "KVPLUGIN_CHUNK_TOKENS").then(|| "x".to_string()))
             .unwrap_err();
