@@ -376,15 +376,29 @@ impl KvPluginHook {
             let doc = parts[*i].cache_tokens.clone();
             self.chunk_cache.insert(chunk_key(&model, &doc), kv.clone());
             self.metrics.blend_chunks_computed(1);
-            let (store, kv) = (self.store.clone(), kv.clone());
+            if self.config.read_only {
+                continue;
+            }
+            // A save slot like any other save: beyond `max_pending_saves` it is dropped and
+            // counted, never queued without bound.
+            let Ok(slot) = self.save_slots.clone().try_acquire_owned() else {
+                self.metrics.dropped_saves(1);
+                continue;
+            };
+            let (store, kv, metrics) = (self.store.clone(), kv.clone(), self.metrics.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let prefix = KvPrefix {
                     tokens: doc,
                     layers: kv.to_vec(),
                     approximate_from: None,
                 };
-                if let Err(e) = store.save(&model, prefix).await {
-                    tracing::warn!(error = %e, "kvplugin: saving a document cache failed");
+                match store.save(&model, prefix).await {
+                    Ok(_) => metrics.saves(1),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kvplugin: saving a document cache failed");
+                        metrics.save_failures(1);
+                    }
                 }
             });
         }
