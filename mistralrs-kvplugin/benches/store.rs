@@ -1,6 +1,7 @@
 //! Criterion benchmarks of whole-prefix store loads from local disk: a 6,042-token prefix with
 //! SmolLM2-135M's shape (30 layers, 3 KV heads of 64, F32) saved at `high` and `lossless`, then
-//! loaded into buffers of the engine's capacity (rows rounded up to 512) as the hook does. This is
+//! loaded into buffers of the engine's capacity (rows rounded up to 512) as the hook does, from a
+//! store without a key (objects sealed by checksum) and one with a key (keyed MACs). This is
 //! the store's share of a hit's TTFT, without the engine (`kvplugin bench offload` measures the
 //! whole hit on the real model); run it under `perf record` to see where a load's time goes.
 //!
@@ -13,9 +14,9 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mistralrs_core::{KvPrefix, LayerKv};
 use mistralrs_kvplugin::{
-    codec::Level,
-    fingerprint::ModelFingerprint,
-    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore},
+    codec::{KvDType, Level},
+    fingerprint::{KvLayout, ModelFingerprint},
+    store::{ObjectPrefixStore, ObjectStoreConfig, PrefixStore, StoreKey},
 };
 use object_store::local::LocalFileSystem;
 
@@ -68,7 +69,12 @@ fn store_load(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("kvplugin-bench-store-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let backend = Arc::new(LocalFileSystem::new_with_prefix(&dir).unwrap());
-    let model = ModelFingerprint::from_bytes([7; 32]);
+    let model = ModelFingerprint::from_bytes([7; 32]).with_layout(KvLayout {
+        n_layers: LAYERS,
+        n_kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        dtype: KvDType::F32,
+    });
     // One more token than the prefix: a hit is always shorter than its prompt.
     let prompt: Vec<u32> = (0..TOKENS as u32 + 1)
         .map(|i| (i * 7919) % 49_152)
@@ -79,12 +85,22 @@ fn store_load(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_load");
     group.sample_size(10);
     group.throughput(Throughput::Elements(TOKENS as u64));
-    for level in [Level::High, Level::Lossless] {
+    let key = Arc::new(StoreKey::from_secret(b"a benchmark's deployment secret").unwrap());
+    for (level, key) in [
+        (Level::High, None),
+        (Level::Lossless, None),
+        (Level::Lossless, Some(key)),
+    ] {
+        let name = match key {
+            Some(_) => format!("{}-keyed", level.name()),
+            None => level.name().to_string(),
+        };
         let store = ObjectPrefixStore::new(
             backend.clone(),
             ObjectStoreConfig {
-                namespace: format!("bench-{}", level.name()),
+                namespace: format!("bench-{name}"),
                 level,
+                key,
                 ..ObjectStoreConfig::default()
             },
         )
@@ -92,20 +108,16 @@ fn store_load(c: &mut Criterion) {
         runtime
             .block_on(store.save(&model, prefix.clone()))
             .unwrap();
-        group.bench_with_input(
-            BenchmarkId::new("disk", level.name()),
-            &store,
-            |b, store| {
-                b.iter(|| {
-                    let loaded = runtime
-                        .block_on(store.load_with_capacity(&model, &prompt, 0, &capacity))
-                        .unwrap()
-                        .expect("a hit");
-                    assert_eq!(loaded.tokens.len(), TOKENS);
-                    loaded
-                })
-            },
-        );
+        group.bench_with_input(BenchmarkId::new("disk", &name), &store, |b, store| {
+            b.iter(|| {
+                let loaded = runtime
+                    .block_on(store.load_with_capacity(&model, &prompt, 0, &capacity))
+                    .unwrap()
+                    .expect("a hit");
+                assert_eq!(loaded.tokens.len(), TOKENS);
+                loaded
+            })
+        });
     }
     group.finish();
     std::fs::remove_dir_all(&dir).ok();
