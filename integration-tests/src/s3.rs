@@ -234,3 +234,223 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// A Garage cluster of three nodes on 127.0.0.1 (one zone each, replication factor 3: every
+/// object on every node, reads and writes need two), S3 served by node 0. Nodes can be killed
+/// and started again on their own data.
+pub struct GarageCluster {
+    nodes: Vec<GarageNode>,
+    /// Node 0's S3 endpoint, bucket and key, as one server.
+    pub s3: S3Server,
+}
+
+struct GarageNode {
+    config: PathBuf,
+    rpc_port: u16,
+    child: Option<Child>,
+}
+
+impl GarageNode {
+    fn start(&mut self) {
+        let child = Command::new(tools_bin().join("garage"))
+            .arg("-c")
+            .arg(&self.config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start garage");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.rpc_port)).is_err() {
+            assert!(Instant::now() < deadline, "a garage node did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn garage(&self, args: &[&str]) -> String {
+        let out = Command::new(tools_bin().join("garage"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run garage");
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl GarageCluster {
+    /// Starts three nodes, connects them, lays them out in three zones, and creates bucket
+    /// `kvplugin-test` with a key allowed to read and write it.
+    pub fn start() -> Self {
+        let binary = tools_bin().join("garage");
+        assert!(
+            binary.is_file(),
+            "{} is missing: run `make setup`",
+            binary.display()
+        );
+        let root = tempfile::tempdir().expect("temp dir");
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+        let mut nodes = Vec::new();
+        let mut s3_ports = Vec::new();
+        for i in 0..3 {
+            let (s3_port, rpc_port) = (free_port(), free_port());
+            let dir = root.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).expect("node folder");
+            let config = dir.join("garage.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+db_engine = "sqlite"
+replication_factor = 3
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#,
+                    dir = dir.display()
+                ),
+            )
+            .expect("garage config");
+            let mut node = GarageNode {
+                config,
+                rpc_port,
+                child: None,
+            };
+            node.start();
+            nodes.push(node);
+            s3_ports.push(s3_port);
+        }
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|n| n.garage(&["node", "id", "-q"]).trim().to_string())
+            .collect();
+        for id in &ids[1..] {
+            nodes[0].garage(&["node", "connect", id]);
+        }
+        wait_healthy(&nodes[0]);
+        for (i, id) in ids.iter().enumerate() {
+            let short = id.split('@').next().expect("node id");
+            nodes[0].garage(&[
+                "layout",
+                "assign",
+                "-z",
+                &format!("dc{i}"),
+                "-c",
+                "1G",
+                short,
+            ]);
+        }
+        nodes[0].garage(&["layout", "apply", "--version", "1"]);
+        let access_key = format!("GK{}", &secret[..24]);
+        let secret_key = secret.chars().rev().collect::<String>();
+        let bucket = "kvplugin-test".to_string();
+        // The layout reaches every node in the background: retry the first commands until the
+        // cluster takes them.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new(&binary)
+                .arg("-c")
+                .arg(&nodes[0].config)
+                .args(["bucket", "create", &bucket])
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run garage");
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never took a bucket: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        nodes[0].garage(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "kvplugin-test",
+            &access_key,
+            &secret_key,
+        ]);
+        nodes[0].garage(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            &bucket,
+            "--key",
+            "kvplugin-test",
+        ]);
+        let s3 = S3Server {
+            // The nodes are owned by the cluster; this server only names node 0's endpoint.
+            child: None,
+            endpoint: format!("http://127.0.0.1:{}", s3_ports[0]),
+            bucket,
+            access_key,
+            secret_key,
+            region: "garage".into(),
+            _root: root,
+        };
+        s3.wait_until_listening(s3_ports[0]);
+        Self { nodes, s3 }
+    }
+
+    /// Kills node `i` (1 or 2: node 0 serves the S3 API).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its own data, and waits until the cluster sees it.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].start();
+        wait_healthy(&self.nodes[0]);
+    }
+}
+
+/// Waits until `node` sees every node of the layout up (`garage status` lists no failed node).
+fn wait_healthy(node: &GarageNode) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = node.garage(&["status"]);
+        if !status.contains("FAILED NODES") && status.matches("127.0.0.1:").count() >= 3 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the garage cluster did not come up: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+impl Drop for GarageCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}

@@ -379,3 +379,52 @@ async fn hostile_objects_are_refused_before_anything_is_allocated() {
         Err(StoreError::Corrupt { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_three_node_garage_cluster_answers_through_a_dead_node_and_absorbs_its_return() {
+    use integration_tests::s3::GarageCluster;
+    let mut cluster = GarageCluster::start();
+    let store = cluster.s3.config().build_store().unwrap();
+    let m = model(1);
+    let saved: Vec<(Vec<u32>, f32)> = (0..3).map(|i| (tokens(200, 100 + i), i as f32)).collect();
+    for (t, seed) in &saved {
+        store.save(&m, prefix(t, *seed)).await.unwrap();
+    }
+
+    // A node dies mid-run: two of three replicas answer every read and take every write.
+    cluster.kill(2);
+    for (t, seed) in &saved {
+        loads_exactly(&store, &m, t, *seed).await;
+    }
+    let written_while_down = (tokens(200, 200), 7.0);
+    store
+        .save(&m, prefix(&written_while_down.0, written_while_down.1))
+        .await
+        .unwrap();
+    loads_exactly(&store, &m, &written_while_down.0, written_while_down.1).await;
+
+    // It comes back on its own data; then another node dies: everything still loads, what was
+    // written while the first was down included.
+    cluster.restart(2);
+    cluster.kill(1);
+    for (t, seed) in saved.iter().chain([&written_while_down]) {
+        loads_exactly(&store, &m, t, *seed).await;
+    }
+}
+
+/// `store` holds the suite's prefix of `tokens` (with `seed`) exactly.
+async fn loads_exactly(
+    store: &ObjectPrefixStore,
+    m: &mistralrs_kvplugin::ModelFingerprint,
+    tokens: &[u32],
+    seed: f32,
+) {
+    let mut prompt = tokens.to_vec();
+    prompt.push(1);
+    let hit = store.load(m, &prompt, 0).await.unwrap().expect("a hit");
+    assert_eq!(hit.tokens, tokens);
+    assert_eq!(
+        integration_tests::store_suite::max_diff(&hit, &prefix(tokens, seed), tokens.len()),
+        0.0
+    );
+}
