@@ -197,9 +197,11 @@ async fn chunks_written_at_several_levels_are_read_at_any_of_them() {
         .await
         .unwrap()
         .is_none());
-    // A store whose main level is one of the extra levels reads them as its own.
+    // A store whose main level is one of the extra levels reads them as its own, and finds the
+    // (lossless) tail the writer left: the whole prefix, not only its full chunks.
     let coarse = store_over(backend, Level::Coarse);
     let hit = coarse.load(&m, &prompt, 0).await.unwrap().expect("hit");
+    assert_eq!(hit.tokens, saved_tokens);
     assert_eq!(max_diff(&hit, &saved, full * CHUNK), errors[2]);
 }
 

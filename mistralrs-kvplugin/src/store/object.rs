@@ -287,7 +287,9 @@ impl ObjectPrefixStore {
             ObjectName::Tail {
                 index,
                 parent: short_hash(parent),
-                level: self.config.level,
+                // Tails are always coded lossless: a store reading at another level finds the
+                // tail another level's writer left.
+                level: Level::Lossless,
             }
         ))
     }
