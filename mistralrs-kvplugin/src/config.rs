@@ -80,6 +80,9 @@ use crate::{
     stream::{PlannerInputs, PrefillModel, StreamPolicy},
 };
 
+/// A backend, and the circuit breaker it sits behind (the same object) if any.
+type BackendWithBreaker = (Arc<dyn ObjectStore>, Option<Arc<CircuitBreaker>>);
+
 /// The `[stream]` section: adaptive streaming of lookups (see [`crate::stream`]).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -501,17 +504,23 @@ impl PluginConfig {
     /// Opens the backend the store settings describe, behind a circuit breaker (see
     /// [`crate::store::breaker`]) unless `breaker_failures` is 0 or the store is in memory.
     pub fn open_backend(&self) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+        Ok(self.open_backend_with_breaker()?.0)
+    }
+
+    /// [`PluginConfig::open_backend`], and the breaker it sits behind, if any.
+    fn open_backend_with_breaker(&self) -> Result<BackendWithBreaker, ConfigError> {
         let backend = self.open_raw_backend()?;
         if self.store.breaker_failures == 0 || self.store.url == "memory://" {
-            return Ok(backend);
+            return Ok((backend, None));
         }
-        Ok(Arc::new(CircuitBreaker::new(
+        let breaker = Arc::new(CircuitBreaker::new(
             backend,
             BreakerSettings {
                 failures: self.store.breaker_failures,
                 cool_down: Duration::from_millis(self.store.breaker_cool_down_ms),
             },
-        )))
+        ));
+        Ok((breaker.clone(), Some(breaker)))
     }
 
     fn open_raw_backend(&self) -> Result<Arc<dyn ObjectStore>, ConfigError> {
@@ -563,8 +572,9 @@ impl PluginConfig {
 
     /// The chunked store over the configured backend.
     pub fn build_store(&self) -> Result<ObjectPrefixStore, ConfigError> {
-        ObjectPrefixStore::new(
-            self.open_backend()?,
+        let (backend, breaker) = self.open_backend_with_breaker()?;
+        let store = ObjectPrefixStore::new(
+            backend,
             ObjectStoreConfig {
                 namespace: self.namespace.clone(),
                 chunk_tokens: self.chunk_tokens,
@@ -575,7 +585,11 @@ impl PluginConfig {
                 key: self.key()?,
             },
         )
-        .map_err(|e| bad("store", e.to_string()))
+        .map_err(|e| bad("store", e.to_string()))?;
+        Ok(match breaker {
+            Some(breaker) => store.with_breaker(breaker),
+            None => store,
+        })
     }
 
     /// The deployment's key: `KVPLUGIN_STORE_KEY`'s, else `store.key_file`'s, else none.
@@ -803,5 +817,31 @@ mod tests {
         missing.store.key_file = Some(dir.join("nope").display().to_string());
         assert_eq!(missing.key().unwrap_err().field, "store.key_file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_from_the_config_skips_a_dead_server_after_its_failures() {
+        use crate::{store::PrefixStore, ModelFingerprint};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port(); // free, and closed once the listener is dropped
+        let c = PluginConfig::from_toml_str(&format!(
+            "chunk_tokens = 16\n[store]\nurl = \"s3://kv\"\nendpoint = \"http://127.0.0.1:{port}\"\n\
+             allow_http = true\nrequest_timeout_ms = 500\nbreaker_failures = 2\n\
+             breaker_cool_down_ms = 60000\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n"
+        ))
+        .unwrap();
+        let store = c.build_store().unwrap();
+        let breaker = store.breaker().expect("S3 stores sit behind a breaker");
+        let (model, prompt) = (ModelFingerprint::from_bytes([1; 32]), vec![5u32; 40]);
+        assert!(store.load(&model, &prompt, 0).await.is_err());
+        assert!(breaker.is_open(), "a chunk and a tail request failed");
+        assert!(store.load(&model, &prompt, 0).await.is_err());
+        assert!(breaker.skipped() >= 1, "refused without a connection");
+        // An in-memory store needs none.
+        let mut memory = PluginConfig::default();
+        memory.store.url = "memory://".into();
+        assert!(memory.build_store().unwrap().breaker().is_none());
     }
 }

@@ -477,6 +477,9 @@ fn store_traffic(store: &ObjectPrefixStore) -> prometheus::StoreTraffic {
         objects_refused: c.objects_refused.load(Ordering::Relaxed),
         objects_corrupt: c.objects_corrupt.load(Ordering::Relaxed),
         objects_repaired: c.objects_repaired.load(Ordering::Relaxed),
+        breaker: store
+            .breaker()
+            .map(|b| (b.skipped(), b.opened(), b.is_open())),
     }
 }
 

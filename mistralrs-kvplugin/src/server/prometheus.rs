@@ -33,6 +33,9 @@ pub struct StoreTraffic {
     pub objects_corrupt: u64,
     /// See `objects_refused`.
     pub objects_repaired: u64,
+    /// Requests the circuit breaker refused while open, the times it opened, and whether it
+    /// is open now (`None`: no breaker).
+    pub breaker: Option<(u64, u64, bool)>,
 }
 
 /// Everything one scrape reports.
@@ -131,6 +134,23 @@ pub fn encode(scrape: &Scrape<'_>) -> String {
             "Bad store objects a save has overwritten",
             counter(traffic.objects_repaired),
         );
+        if let Some((skipped, opened, open)) = traffic.breaker {
+            r.register(
+                "store_breaker_skipped_requests",
+                "Store requests refused at once because the store was failing (circuit open)",
+                counter(skipped),
+            );
+            r.register(
+                "store_breaker_opened",
+                "Times the store was skipped for a cool-down after failing requests in a row",
+                counter(opened),
+            );
+            r.register(
+                "store_breaker_open",
+                "1 while the store is skipped (circuit open), else 0",
+                ConstGauge::new(u64::from(open) as i64),
+            );
+        }
     }
     if let Some((objects, bytes)) = scrape.gc_deleted {
         r.register(
@@ -355,6 +375,7 @@ mod tests {
                     objects_refused: 3,
                     objects_corrupt: 0,
                     objects_repaired: 2,
+                    breaker: Some((7, 1, true)),
                 },
             )),
             uptime_s: 1.0,
@@ -389,6 +410,11 @@ mod tests {
             sample(&text, "kvplugin_store_repaired_objects_total"),
             Some(2.0)
         );
+        assert_eq!(
+            sample(&text, "kvplugin_store_breaker_skipped_requests_total"),
+            Some(7.0)
+        );
+        assert_eq!(sample(&text, "kvplugin_store_breaker_open"), Some(1.0));
         // Buckets are cumulative in the output.
         assert_eq!(
             sample(

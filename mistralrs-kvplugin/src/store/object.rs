@@ -149,6 +149,8 @@ pub struct ObjectPrefixStore {
     needs_repair: Mutex<HashSet<Path>>,
     /// Permits for reads in flight ([`ObjectStoreConfig::max_fetches_in_flight`]).
     reads: tokio::sync::Semaphore,
+    /// The circuit breaker the backend sits behind, if any (for its counters).
+    breaker: Option<Arc<super::breaker::CircuitBreaker>>,
 }
 
 impl ObjectPrefixStore {
@@ -179,8 +181,21 @@ impl ObjectPrefixStore {
             counters: ObjectStoreCounters::default(),
             needs_repair: Mutex::new(HashSet::new()),
             reads: tokio::sync::Semaphore::new(config.max_fetches_in_flight),
+            breaker: None,
             config,
         })
+    }
+
+    /// Names the circuit breaker `store` (the backend given to [`ObjectPrefixStore::new`]) sits
+    /// behind, so that its counters can be reported.
+    pub fn with_breaker(mut self, breaker: Arc<super::breaker::CircuitBreaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// The circuit breaker in front of the backend, if the store was built with one.
+    pub fn breaker(&self) -> Option<&super::breaker::CircuitBreaker> {
+        self.breaker.as_deref()
     }
 
     /// The token ids of a tail object: fewer than a chunk's (a tail claiming more is corrupt,
