@@ -380,6 +380,35 @@ async fn hostile_objects_are_refused_before_anything_is_allocated() {
         store.load(&model(1), &prompt, 0).await,
         Err(StoreError::Corrupt { .. })
     ));
+
+    // An oversized tail: the full chunks before it still make the hit, and the next save
+    // replaces it.
+    let backend: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = store_over(backend.clone(), Level::Lossless);
+    store.save(&m, prefix(&saved, 0.0)).await.unwrap();
+    let listed: Vec<Path> = {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = backend.list(None).try_collect().await.unwrap();
+        listed.into_iter().map(|o| o.location).collect()
+    };
+    let tail = listed
+        .iter()
+        .find(|p| p.filename().unwrap().starts_with("t-"))
+        .unwrap();
+    backend
+        .put(tail, vec![7u8; 200 * 1024].into())
+        .await
+        .unwrap();
+    let hit = store
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("the chunks");
+    assert_eq!(hit.tokens.len(), 200 / CHUNK * CHUNK);
+    assert_eq!(corrupt(&store), 1);
+    store.save(&m, prefix(&saved, 0.0)).await.unwrap();
+    let hit = store.load(&m, &prompt, 0).await.unwrap().expect("repaired");
+    assert_eq!(hit.tokens.len(), 200);
 }
 
 #[tokio::test]

@@ -690,7 +690,15 @@ impl ObjectPrefixStore {
             let mut chunks = stream::iter(0..max_full)
                 .map(|i| {
                     let path = self.chunk_path(&model, i, &chain[i], &chain[i + 1], level);
-                    async move { self.get(&path, &model).await }
+                    async move {
+                        let fetched = self.get(&path, &model).await;
+                        // An oversized object is bad data, not a failing backend: remember it
+                        // for repair (`found_bad` ignores backend errors).
+                        if let Err(e) = &fetched {
+                            self.found_bad(&path, e);
+                        }
+                        fetched
+                    }
                 })
                 .buffered(concurrency);
             while let Some(fetched) = chunks.next().await {
@@ -794,9 +802,22 @@ impl ObjectPrefixStore {
         let n_full = covered / c;
         let tail_path = self.tail_path(&model, n_full, &hashes[n_full]);
         let tail = if n_full == max_full {
-            full_run_tail?
+            full_run_tail
         } else {
-            self.get(&tail_path, &model).await?
+            self.get(&tail_path, &model).await
+        };
+        // A tail that cannot be had (bad, oversized, or the backend failed) leaves the chunks'
+        // hit as it is; with no chunks to keep, its failure is the lookup's.
+        let tail = match tail {
+            Ok(tail) => tail,
+            Err(e) => {
+                self.found_bad(&tail_path, &e);
+                if covered <= min_tokens {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "kvplugin: no tail for this hit");
+                None
+            }
         };
         if let Some(bytes) = tail {
             match self.tail_tokens(&bytes) {

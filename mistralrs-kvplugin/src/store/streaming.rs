@@ -285,6 +285,7 @@ impl ObjectPrefixStore {
                     break;
                 }
                 Err(e) => {
+                    self.found_bad(&path, &e);
                     decision.outcome = failure_outcome(&e);
                     report.chunks.push(decision);
                     break;
