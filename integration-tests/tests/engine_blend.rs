@@ -300,3 +300,37 @@ async fn a_blend_on_a_paged_engine_fills_blocks_that_never_enter_the_block_pool(
     );
     assert_eq!(plain.tokens, expected.tokens);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blend_whose_document_loads_exceed_the_memory_budget_computes_them() {
+    let (plan, _) = plan_and_stock_answer(ModelSource::Gguf(gguf_path())).await;
+    let store = store();
+    // No budget at all: every part's load would hold buffers, so none is made.
+    let hook = Arc::new(KvPluginHook::new(
+        store.clone() as Arc<dyn PrefixStore>,
+        HookConfig {
+            load_timeout: Duration::from_secs(120),
+            lookup_memory_bytes: 0,
+            ..HookConfig::default()
+        },
+    ));
+    let engine = LocalEngine::start(
+        EngineOptions::new(ModelSource::Gguf(gguf_path())).with_kv_hook(hook.clone()),
+    )
+    .await
+    .unwrap();
+    hook.prepare_blend(&plan).await.unwrap();
+    hook.chunk_cache().clear();
+    hook.set_blend_config(config(0.15));
+    hook.expect_blend(plan.clone());
+    let answer = engine.complete(&plan.tokens, NEW_TOKENS).await.unwrap();
+    assert!(!answer.tokens.is_empty());
+    let report = hook.last_blend_report().expect("the lookup blended");
+    assert_eq!(
+        report.sources,
+        vec![ChunkSource::Computed; 3],
+        "the store holds every part, but loading them was over the budget"
+    );
+    let m = hook.metrics().snapshot();
+    assert_eq!((m.blends, m.lookups_over_budget), (1, 3), "{m:?}");
+}

@@ -439,6 +439,12 @@ impl PluginConfig {
         if self.max_fetches_in_flight == 0 {
             return Err(bad("max_fetches_in_flight", "must be at least 1"));
         }
+        if self.lookup_memory_mb == 0 {
+            return Err(bad(
+                "lookup_memory_mb",
+                "must be at least 1 (0 would refuse every lookup)",
+            ));
+        }
         if self.max_pending_saves == 0 {
             return Err(bad("max_pending_saves", "must be at least 1"));
         }

@@ -289,28 +289,41 @@ impl KvPluginHook {
                     KvSupply::Ready(kv)
                 }
                 None => {
-                    load_bytes += (tokens.len() * blend_model.bytes_per_token) as u64;
                     let (tx, rx) = std::sync::mpsc::channel();
-                    let (store, cache, metrics) = (
-                        self.store.clone(),
-                        self.chunk_cache.clone(),
-                        self.metrics.clone(),
-                    );
-                    let (sources, controller) = (sources.clone(), self.controller.clone());
-                    let bytes = (tokens.len() * blend_model.bytes_per_token) as u64;
-                    tokio::spawn(async move {
-                        let t0 = Instant::now();
-                        let kv = load_chunk(&*store, &model, &tokens).await;
-                        if let Some(kv) = &kv {
-                            lock(&controller).record_load(bytes, t0.elapsed().as_secs_f64());
-                            cache.insert(key, kv.clone());
-                            metrics.blend_chunks_store(1);
-                            lock(&sources)[i] = ChunkSource::Store;
-                        } else {
+                    // A document's load holds decode buffers like a lookup's: from the same
+                    // budget. Over it, the document is computed instead.
+                    match self.reserve_lookup_memory(&model, tokens.len()) {
+                        None => {
+                            self.metrics.lookups_over_budget(1);
                             lock(&sources)[i] = ChunkSource::Computed;
+                            let _ = tx.send(None);
                         }
-                        let _ = tx.send(kv);
-                    });
+                        Some(reserved) => {
+                            load_bytes += (tokens.len() * blend_model.bytes_per_token) as u64;
+                            let (store, cache, metrics) = (
+                                self.store.clone(),
+                                self.chunk_cache.clone(),
+                                self.metrics.clone(),
+                            );
+                            let (sources, controller) = (sources.clone(), self.controller.clone());
+                            let bytes = (tokens.len() * blend_model.bytes_per_token) as u64;
+                            tokio::spawn(async move {
+                                let _reserved = reserved;
+                                let t0 = Instant::now();
+                                let kv = load_chunk(&*store, &model, &tokens).await;
+                                if let Some(kv) = &kv {
+                                    lock(&controller)
+                                        .record_load(bytes, t0.elapsed().as_secs_f64());
+                                    cache.insert(key, kv.clone());
+                                    metrics.blend_chunks_store(1);
+                                    lock(&sources)[i] = ChunkSource::Store;
+                                } else {
+                                    lock(&sources)[i] = ChunkSource::Computed;
+                                }
+                                let _ = tx.send(kv);
+                            });
+                        }
+                    }
                     KvSupply::Pending(rx)
                 }
             };
