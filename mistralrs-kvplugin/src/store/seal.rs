@@ -189,13 +189,20 @@ fn tag_of(object: &[u8], key: Option<&StoreKey>) -> blake3::Hash {
 /// anything else is read). Needs only the header and the ids, not the whole object.
 pub fn peek_tokens(object: &[u8]) -> Result<Vec<u32>, StoreError> {
     let (_, _, _, n) = header(object)?;
+    Ok(token_ids(object, n)?.0)
+}
+
+/// The `n` token ids after the header, and where they end.
+fn token_ids(object: &[u8], n: usize) -> Result<(Vec<u32>, usize), StoreError> {
+    let end = HEADER_BYTES + 4 * n;
     let ids = object
-        .get(HEADER_BYTES..HEADER_BYTES + 4 * n)
+        .get(HEADER_BYTES..end)
         .ok_or_else(|| corrupt(format!("object ends inside its {n} token ids")))?;
-    Ok(ids
+    let ids = ids
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+        .collect();
+    Ok((ids, end))
 }
 
 /// Checks an object's seal and binding, then returns its token ids and codec chunk. Costs one
@@ -237,14 +244,7 @@ pub fn open<'a>(
             "the object was sealed for another name (moved or copied)",
         ));
     }
-    let body = HEADER_BYTES + 4 * n;
-    if object.len() < body {
-        return Err(corrupt(format!("object ends inside its {n} token ids")));
-    }
-    let tokens = object[HEADER_BYTES..body]
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let (tokens, body) = token_ids(object, n)?;
     Ok((tokens, &object[body..]))
 }
 
