@@ -120,36 +120,8 @@ impl S3Server {
         let root = tempfile::tempdir().expect("temp dir");
         let (s3_port, rpc_port) = (free_port(), free_port());
         let secret: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
-        let config = root.path().join("garage.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"metadata_dir = "{root}/meta"
-data_dir = "{root}/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3_port}"
-root_domain = ".s3.garage.localhost"
-"#,
-                root = root.path().display()
-            ),
-        )
-        .expect("garage config");
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start garage");
+        let config = write_garage_config(root.path(), 1, rpc_port, s3_port, &secret);
+        let child = spawn_garage(&config);
         // Key ids are `GK` + 24 hex digits, secrets 64 hex digits.
         let access_key = format!("GK{}", &secret[..24]);
         let secret_key = secret.chars().rev().collect::<String>();
@@ -163,21 +135,7 @@ root_domain = ".s3.garage.localhost"
             _root: root,
         };
         server.wait_until_listening(rpc_port);
-        let garage = |args: &[&str]| -> String {
-            let out = Command::new(&binary)
-                .arg("-c")
-                .arg(&config)
-                .args(args)
-                .env("RUST_LOG", "warn")
-                .output()
-                .expect("run garage");
-            assert!(
-                out.status.success(),
-                "garage {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
+        let garage = |args: &[&str]| run_garage(&config, args);
         let node = garage(&["node", "id", "-q"]);
         let node = node.trim().split('@').next().expect("node id").to_string();
         garage(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
@@ -235,6 +193,73 @@ impl Drop for S3Server {
     }
 }
 
+/// Writes `dir/garage.toml`: one node keeping its data in `dir` (sqlite metadata), RPC and S3 on
+/// the given 127.0.0.1 ports, `replication` copies of every object across the cluster.
+fn write_garage_config(
+    dir: &std::path::Path,
+    replication: usize,
+    rpc_port: u16,
+    s3_port: u16,
+    rpc_secret: &str,
+) -> PathBuf {
+    let config = dir.join("garage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+db_engine = "sqlite"
+replication_factor = {replication}
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{rpc_secret}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#,
+            dir = dir.display()
+        ),
+    )
+    .expect("garage config");
+    config
+}
+
+/// Starts `garage server` on `config`, its output discarded.
+fn spawn_garage(config: &std::path::Path) -> Child {
+    Command::new(tools_bin().join("garage"))
+        .arg("-c")
+        .arg(config)
+        .arg("server")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start garage")
+}
+
+/// Runs a `garage` command against the node of `config`; panics with its stderr on failure.
+fn run_garage(config: &std::path::Path, args: &[&str]) -> String {
+    let out = garage_command(config, args);
+    assert!(
+        out.status.success(),
+        "garage {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn garage_command(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(tools_bin().join("garage"))
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run garage")
+}
+
 /// A Garage cluster of three nodes on 127.0.0.1 (one zone each, replication factor 3: every
 /// object on every node, reads and writes need two), S3 served by node 0. Nodes can be killed
 /// and started again on their own data.
@@ -252,16 +277,7 @@ struct GarageNode {
 
 impl GarageNode {
     fn start(&mut self) {
-        let child = Command::new(tools_bin().join("garage"))
-            .arg("-c")
-            .arg(&self.config)
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start garage");
-        self.child = Some(child);
+        self.child = Some(spawn_garage(&self.config));
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.rpc_port)).is_err() {
             assert!(Instant::now() < deadline, "a garage node did not start");
@@ -277,19 +293,7 @@ impl GarageNode {
     }
 
     fn garage(&self, args: &[&str]) -> String {
-        let out = Command::new(tools_bin().join("garage"))
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run garage");
-        assert!(
-            out.status.success(),
-            "garage {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_garage(&self.config, args)
     }
 }
 
@@ -311,27 +315,7 @@ impl GarageCluster {
             let (s3_port, rpc_port) = (free_port(), free_port());
             let dir = root.path().join(format!("node{i}"));
             std::fs::create_dir_all(&dir).expect("node folder");
-            let config = dir.join("garage.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    r#"metadata_dir = "{dir}/meta"
-data_dir = "{dir}/data"
-db_engine = "sqlite"
-replication_factor = 3
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3_port}"
-root_domain = ".s3.garage.localhost"
-"#,
-                    dir = dir.display()
-                ),
-            )
-            .expect("garage config");
+            let config = write_garage_config(&dir, 3, rpc_port, s3_port, &secret);
             let mut node = GarageNode {
                 config,
                 rpc_port,
@@ -369,13 +353,7 @@ root_domain = ".s3.garage.localhost"
         // cluster takes them.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = Command::new(&binary)
-                .arg("-c")
-                .arg(&nodes[0].config)
-                .args(["bucket", "create", &bucket])
-                .env("RUST_LOG", "warn")
-                .output()
-                .expect("run garage");
+            let out = garage_command(&nodes[0].config, &["bucket", "create", &bucket]);
             if out.status.success() {
                 break;
             }
