@@ -276,19 +276,26 @@ fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
 /// Stores with a deployment key: sealed objects, keyed names, forgeries refused and repaired.
 async fn keyed_suite(backend: Arc<dyn ObjectStore>) {
     const NAMESPACE: &str = "keyed";
-    let store = |secret: Option<&str>| {
+    let store_encrypting = |secret: Option<&str>, encrypt: bool| {
         ObjectPrefixStore::new(
             backend.clone(),
             ObjectStoreConfig {
                 namespace: NAMESPACE.into(),
                 chunk_tokens: CHUNK,
                 level: Level::Lossless,
-                key: secret.map(|s| Arc::new(StoreKey::from_secret(s.as_bytes()).unwrap())),
+                key: secret.map(|s| {
+                    Arc::new(
+                        StoreKey::from_secret(s.as_bytes())
+                            .unwrap()
+                            .encrypting(encrypt),
+                    )
+                }),
                 ..Default::default()
             },
         )
         .unwrap()
     };
+    let store = |secret| store_encrypting(secret, true);
     let secret = "the deployment's shared secret";
     let m = model(1);
     let saved_tokens = tokens(200, 11);
@@ -307,6 +314,20 @@ async fn keyed_suite(backend: Arc<dyn ObjectStore>) {
         .expect("keyed hit");
     assert_eq!(hit.tokens, saved_tokens);
     assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+    // Encrypted: a reader of the bucket finds no run of the prompt's token ids in any object.
+    let id_runs: std::collections::HashSet<Vec<u8>> = saved_tokens
+        .windows(4)
+        .map(|w| w.iter().flat_map(|t| t.to_le_bytes()).collect())
+        .collect();
+    let written = list(&*backend, NAMESPACE).await;
+    assert!(written.len() >= 2, "{written:?}");
+    for path in &written {
+        let bytes = backend.get(path).await.unwrap().bytes().await.unwrap();
+        assert!(
+            !bytes.windows(16).any(|w| id_runs.contains(w)),
+            "{path} holds the prompt's token ids in the clear"
+        );
+    }
     // Another secret, or none: the names are keyed, so there is nothing to find (not even a
     // way to test whether the prompt was seen), and nothing is counted as bad.
     for stranger in [store(Some("another tenant's secret")), store(None)] {
@@ -353,6 +374,24 @@ async fn keyed_suite(backend: Arc<dyn ObjectStore>) {
         .unwrap()
         .expect("repaired");
     assert_eq!(hit.tokens, saved_tokens);
+    assert_eq!(max_diff(&hit, &saved, 200), 0.0);
+    // A process with the same secret that writes MAC-sealed clear objects (`encrypt = false`)
+    // shares the cache both ways.
+    let other_tokens = tokens(200, 12);
+    let other = prefix(&other_tokens, 2.0);
+    let clear_writer = store_encrypting(Some(secret), false);
+    clear_writer.save(&m, other.clone()).await.unwrap();
+    let hit = reader
+        .load(&m, &other_tokens, 0)
+        .await
+        .unwrap()
+        .expect("a MAC-sealed object under the same secret");
+    assert_eq!(max_diff(&hit, &other, 199), 0.0);
+    let hit = clear_writer
+        .load(&m, &prompt, 0)
+        .await
+        .unwrap()
+        .expect("an encrypted object under the same secret");
     assert_eq!(max_diff(&hit, &saved, 200), 0.0);
 }
 

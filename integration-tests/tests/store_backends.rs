@@ -334,8 +334,8 @@ async fn hostile_objects_are_refused_before_anything_is_allocated() {
                 kind: ObjectKind::Chunk,
                 hash: honest[8..40].try_into().unwrap(),
             };
-            let tokens = seal::peek_tokens(&honest).unwrap();
-            let hostile = seal::seal(binding, &tokens, &encoded, None);
+            let tokens = seal::peek_tokens(&honest, None).unwrap();
+            let hostile = seal::seal(binding, &tokens, &encoded, None).unwrap();
             backend.put(&path, hostile.into()).await.unwrap();
         }
     };

@@ -26,8 +26,10 @@
 //! request_timeout_ms = 5000
 //! breaker_failures = 5                # failed requests in a row that skip the store for
 //! breaker_cool_down_ms = 10000         #   a cool-down (then one probe); 0: never skipped
-//! key_file = "/etc/kvplugin/key"      # the deployment's secret: objects sealed with a MAC, names
-//!                                      # keyed (a shared bucket needs one; `kvplugin store keygen`)
+//! key_file = "/etc/kvplugin/key"      # the deployment's secret: objects encrypted and sealed,
+//!                                      # names keyed (a shared bucket needs one; `kvplugin store
+//!                                      # keygen`)
+//! encrypt = true                       # with a key (the default); false: MAC-sealed in the clear
 //! max_bytes = "20G"                    # optional bound: the GC deletes the oldest chains beyond it
 //! ttl = "7d"                           # optional: chains not extended for this long are deleted
 //! gc_grace = "10m"                     # never delete what is younger (saves in progress)
@@ -209,6 +211,10 @@ pub struct StoreSettings {
     /// A file holding the deployment's secret (see [`crate::store::seal`]). Unset: objects
     /// carry checksums only, which stop accidents, not writers.
     pub key_file: Option<String>,
+    /// With a key: whether objects are encrypted (XChaCha20-Poly1305) or only MAC-sealed in
+    /// the clear (`false`). Unset: encrypted. Either way the store reads both kinds under its
+    /// key; `true` without a key is an error.
+    pub encrypt: Option<bool>,
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -228,6 +234,7 @@ impl std::fmt::Debug for StoreSettings {
             breaker_failures,
             breaker_cool_down_ms,
             key_file,
+            encrypt,
         } = self;
         f.debug_struct("StoreSettings")
             .field("url", url)
@@ -247,6 +254,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("breaker_failures", breaker_failures)
             .field("breaker_cool_down_ms", breaker_cool_down_ms)
             .field("key_file", key_file)
+            .field("encrypt", encrypt)
             .finish()
     }
 }
@@ -266,6 +274,7 @@ impl Default for StoreSettings {
             gc_grace: "10m".into(),
             sweep_interval: "10m".into(),
             key_file: None,
+            encrypt: None,
             breaker_failures: BreakerSettings::default().failures,
             breaker_cool_down_ms: BreakerSettings::default().cool_down.as_millis() as u64,
         }
@@ -515,7 +524,14 @@ impl PluginConfig {
 
     /// [`PluginConfig::open_backend`], and the breaker it sits behind, if any.
     fn open_backend_with_breaker(&self) -> Result<BackendWithBreaker, ConfigError> {
-        let backend = self.open_raw_backend()?;
+        self.open_backend_with_breaker_over(|backend| backend)
+    }
+
+    fn open_backend_with_breaker_over(
+        &self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Result<BackendWithBreaker, ConfigError> {
+        let backend = wrap(self.open_raw_backend()?);
         if self.store.breaker_failures == 0 || self.store.url == "memory://" {
             return Ok((backend, None));
         }
@@ -578,7 +594,16 @@ impl PluginConfig {
 
     /// The chunked store over the configured backend.
     pub fn build_store(&self) -> Result<ObjectPrefixStore, ConfigError> {
-        let (backend, breaker) = self.open_backend_with_breaker()?;
+        self.build_store_over(|backend| backend)
+    }
+
+    /// [`PluginConfig::build_store`] with `wrap` between the backend and the circuit breaker
+    /// (a fault injector, a bandwidth shaper: what the breaker and the store see is `wrap`'s).
+    pub fn build_store_over(
+        &self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Result<ObjectPrefixStore, ConfigError> {
+        let (backend, breaker) = self.open_backend_with_breaker_over(wrap)?;
         let store = ObjectPrefixStore::new(
             backend,
             ObjectStoreConfig {
@@ -598,20 +623,27 @@ impl PluginConfig {
         })
     }
 
-    /// The deployment's key: `KVPLUGIN_STORE_KEY`'s, else `store.key_file`'s, else none.
+    /// The deployment's key: `KVPLUGIN_STORE_KEY`'s, else `store.key_file`'s, else none;
+    /// encrypting unless `store.encrypt` is `false`.
     pub fn key(&self) -> Result<Option<Arc<StoreKey>>, ConfigError> {
-        if let Some(key) = &self.store_key {
-            return Ok(Some(key.clone()));
-        }
-        self.store
-            .key_file
-            .as_deref()
-            .map(|path| {
+        let key = match (&self.store_key, &self.store.key_file) {
+            (Some(key), _) => Some(key.clone()),
+            (None, Some(path)) => Some(
                 StoreKey::from_file(Path::new(path))
                     .map(Arc::new)
-                    .map_err(|e| bad("store.key_file", e.to_string()))
-            })
-            .transpose()
+                    .map_err(|e| bad("store.key_file", e.to_string()))?,
+            ),
+            (None, None) => None,
+        };
+        match (key, self.store.encrypt) {
+            (None, Some(true)) => Err(bad(
+                "store.encrypt",
+                "encryption needs a key: set store.key_file, KVPLUGIN_STORE_KEY_FILE or \
+                 KVPLUGIN_STORE_KEY (`kvplugin store keygen` writes one)",
+            )),
+            (Some(key), Some(false)) => Ok(Some(Arc::new(key.encrypting(false)))),
+            (key, _) => Ok(key),
+        }
     }
 
     /// The GC policy of `[store]` (`max_bytes`, `ttl`, `gc_grace`).
@@ -814,6 +846,13 @@ mod tests {
         assert_ne!(*c.key().unwrap().unwrap(), *from_file);
         // Printing the config never shows the secret.
         assert!(!format!("{c:?}").contains("another secret"));
+        // Encrypting unless told not to; encryption without a key is an error, not a no-op.
+        assert!(from_file.encrypts());
+        c.store.encrypt = Some(false);
+        assert!(!c.key().unwrap().unwrap().encrypts());
+        let mut keyless = PluginConfig::default();
+        keyless.store.encrypt = Some(true);
+        assert_eq!(keyless.key().unwrap_err().field, "store.encrypt");
 
         let err = c
             .apply_env(|k| (k == "KVPLUGIN_STORE_KEY").then(|| "short".into()))

@@ -201,7 +201,7 @@ impl ObjectPrefixStore {
     /// The token ids of a tail object: fewer than a chunk's (a tail claiming more is corrupt,
     /// and its chunk header must agree with its ids, so decoding it stays within a chunk).
     pub(super) fn tail_tokens(&self, object: &[u8]) -> Result<Vec<u32>, StoreError> {
-        let tokens = seal::peek_tokens(object)?;
+        let tokens = seal::peek_tokens(object, self.key())?;
         if tokens.len() >= self.config.chunk_tokens {
             return Err(StoreError::Corrupt {
                 reason: format!(
@@ -355,7 +355,7 @@ impl ObjectPrefixStore {
         let layout = model.layout()?;
         let c = self.config.chunk_tokens as u64;
         let raw = c * layout.values_per_token() as u64 * layout.dtype.size() as u64;
-        Some(seal::HEADER_BYTES as u64 + 4 * c + raw + raw / 4 + (64 << 10))
+        Some((seal::HEADER_BYTES + seal::AEAD_OVERHEAD) as u64 + 4 * c + raw + raw / 4 + (64 << 10))
     }
 
     /// One GET (whole or ranged, the whole at most `cap` bytes), counted; a missing object is
@@ -392,17 +392,18 @@ impl ObjectPrefixStore {
     }
 
     /// The token ids in the envelope of the object at `path`, read with one ranged request (the
-    /// envelope's header and at most a chunk's worth of ids; a shorter object comes back whole).
+    /// envelope's header and at most a chunk's worth of ids with their tag; a shorter object
+    /// comes back whole).
     async fn envelope_tokens(&self, path: &Path) -> Result<Option<Vec<u32>>, StoreError> {
         let opts = GetOptions {
             range: Some(GetRange::Bounded(
-                0..(seal::HEADER_BYTES + 4 * self.config.chunk_tokens) as u64,
+                0..(seal::HEADER_BYTES + 4 * self.config.chunk_tokens + seal::AEAD_OVERHEAD) as u64,
             )),
             ..Default::default()
         };
         self.get_with(path, opts, None)
             .await?
-            .map(|bytes| seal::peek_tokens(&bytes))
+            .map(|bytes| seal::peek_tokens(&bytes, self.key()))
             .transpose()
     }
 
@@ -467,12 +468,12 @@ impl ObjectPrefixStore {
                 &EncodeOptions::for_chunk(level, start),
                 model.as_bytes(),
             )?;
-            Ok(seal::seal(
+            seal::seal(
                 binding,
                 &prefix.tokens[start..start + len],
                 &encoded,
                 key.as_deref(),
-            ))
+            )
         })
         .await
         .map_err(|e| StoreError::backend(format!("encode task: {e}")))?
@@ -738,7 +739,7 @@ impl ObjectPrefixStore {
                 for bytes in batch {
                     let offset = decoded + waiting.len() * c;
                     let index = offset / c;
-                    let ours = seal::peek_tokens(&bytes).and_then(|tokens| {
+                    let ours = seal::peek_tokens(&bytes, self.key()).and_then(|tokens| {
                         if tokens[..] == prompt[offset..offset + c] {
                             Ok(())
                         } else {
@@ -928,16 +929,14 @@ pub(super) fn prefix_of(tokens: Vec<u32>, tensors: Vec<Tensor>) -> KvPrefix {
     }
 }
 
-/// An object's token ids and its checked codec chunk: the seal and binding first (nothing is
-/// read before the MAC or checksum holds), then the chunk's magic, version, checksum, model,
-/// and a token count that agrees with the envelope's.
-pub(super) fn parse_object<'a>(
-    bytes: &'a [u8],
-    binding: Binding,
+/// The checked codec chunk of an opened object ([`seal::open`] first: nothing is read before
+/// the seal and binding hold): the chunk's magic, version, checksum, model, a shape that is the
+/// model's, and a token count that agrees with the envelope's `n_tokens`.
+pub(super) fn parse_chunk<'a>(
+    encoded: &'a [u8],
+    n_tokens: usize,
     model: &ModelFingerprint,
-    key: Option<&StoreKey>,
-) -> Result<(Vec<u32>, ParsedChunk<'a>), StoreError> {
-    let (tokens, encoded) = seal::open(bytes, binding, key)?;
+) -> Result<ParsedChunk<'a>, StoreError> {
     let chunk = ParsedChunk::parse(encoded, model.as_bytes())?;
     if let Some(layout) = model.layout() {
         let (s, dtype) = (chunk.header().shape, chunk.header().dtype);
@@ -964,12 +963,12 @@ pub(super) fn parse_object<'a>(
             });
         }
     }
-    if chunk.header().shape.n_tokens != tokens.len() {
+    if chunk.header().shape.n_tokens != n_tokens {
         return Err(StoreError::Corrupt {
             reason: "object's token count differs from its chunk's".into(),
         });
     }
-    Ok((tokens, chunk))
+    Ok(chunk)
 }
 
 pub(super) fn candle_dtype(dtype: KvDType) -> DType {

@@ -1,26 +1,40 @@
-//! Sealing objects: what makes an object in a shared bucket trustworthy.
+//! Sealing objects: what makes an object in a shared bucket trustworthy, and private.
 //!
-//! Every object the store writes carries a 32-byte tag over its binding (which object it is: a
-//! chunk or a tail, and the full 256-bit chain hash that names it) and every other byte of it
-//! (token ids, codec chunk). Two kinds of seal:
-//! - **keyed** (a [`StoreKey`] is configured): the tag is a BLAKE3 keyed hash under a key derived
-//!   from the deployment's secret. Only a writer holding the secret can make an object this
-//!   store accepts, and an object moved to another name fails its binding. Object names are
-//!   keyed too (the chain hashes start from a keyed root), so a reader without the secret can
-//!   neither find a prompt's objects nor test whether a prompt was seen.
-//! - **checksum** (no key): the tag is an unkeyed BLAKE3 hash. It catches accidents (bit rot,
-//!   torn writes, objects copied to the wrong name), not writers: anyone can compute it.
+//! Every object the store writes is bound to its name (a chunk or a tail, and the full 256-bit
+//! chain hash that names it) and protected by one of three seals:
+//! - **encrypted** (a [`StoreKey`] is configured, the default with one): token ids and codec
+//!   chunk are encrypted with XChaCha20-Poly1305 under keys derived from the deployment's
+//!   secret, a fresh random 192-bit nonce per object (no counter to keep across processes;
+//!   collisions are out of reach). The header (binding, token count, nonce) is the associated
+//!   data of both segments: the token ids (their own segment and tag, so a loader checks them
+//!   against the prompt before it fetches or decrypts the rest, and a save reads them with one
+//!   ranged GET) and the codec chunk. A reader without the secret learns an object's size and
+//!   whether it is a chunk or a tail, nothing of its prompt or cache.
+//! - **keyed** (a key with `encrypt = false`): the clear object carries a BLAKE3 keyed MAC over
+//!   every byte. Only a writer holding the secret can make an object this store accepts.
+//! - **checksum** (no key): an unkeyed BLAKE3 hash. It catches accidents (bit rot, torn writes,
+//!   objects copied to the wrong name), not writers: anyone can compute it.
 //!
-//! A store accepts only its own kind of seal: a keyed store refuses unkeyed objects (planted by
-//! someone without the secret) and objects sealed under another key; an unkeyed store refuses
-//! keyed objects (it cannot check them). Refused objects are misses, counted, never decoded: the
-//! tag is checked before any value is read ([`open`]).
+//! With a key, object names are keyed too (the chain hashes start from a keyed root), so a
+//! reader without the secret can neither find a prompt's objects nor test whether a prompt was
+//! seen; different secrets share nothing (tenants).
+//!
+//! What a store accepts: a keyed store accepts objects encrypted or MAC-sealed under its own
+//! secret (both prove the writer held it; a deployment can switch `encrypt` without losing its
+//! cache) and refuses unkeyed objects (planted by someone without the secret) and objects
+//! sealed under another secret; an unkeyed store refuses both keyed kinds (it cannot check
+//! them). Refused objects are misses, counted, never decoded: the tag is checked before any
+//! value is read ([`open`]).
 //!
 //! Invariant: the secret never leaves this module in the clear: it is held in
 //! [`secrecy::SecretBox`] (zeroed on drop), the derived keys too, and `Debug` prints neither.
 
-use std::{fmt, path::Path};
+use std::{borrow::Cow, fmt, path::Path};
 
+use chacha20poly1305::{
+    aead::{AeadInPlace, KeyInit},
+    Key, Tag, XChaCha20Poly1305, XNonce,
+};
 use secrecy::{ExposeSecret, SecretBox};
 
 use super::StoreError;
@@ -30,6 +44,8 @@ pub const MIN_SECRET_BYTES: usize = 16;
 
 const MAC_CONTEXT: &str = "mistralrs-kvplugin 2026-12 object seal";
 const NAMES_CONTEXT: &str = "mistralrs-kvplugin 2026-12 object names";
+const TOKENS_CIPHER_CONTEXT: &str = "mistralrs-kvplugin 2026-12 object token ids cipher";
+const CHUNK_CIPHER_CONTEXT: &str = "mistralrs-kvplugin 2026-12 object codec chunk cipher";
 const CHECKSUM_DOMAIN: &[u8] = b"mistralrs-kvplugin/object-checksum/v1";
 
 /// A deployment's secret, as the keys derived from it. Every process that shares a cache must
@@ -37,6 +53,12 @@ const CHECKSUM_DOMAIN: &[u8] = b"mistralrs-kvplugin/object-checksum/v1";
 pub struct StoreKey {
     mac: SecretBox<[u8; 32]>,
     names: SecretBox<[u8; 32]>,
+    /// The two segments of an encrypted object have keys of their own, so one nonce serves
+    /// both.
+    tokens_cipher: SecretBox<[u8; 32]>,
+    chunk_cipher: SecretBox<[u8; 32]>,
+    /// Whether objects this key writes are encrypted (else MAC-sealed in the clear).
+    encrypt: bool,
 }
 
 impl StoreKey {
@@ -54,10 +76,36 @@ impl StoreKey {
                 ),
             });
         }
+        let derive = |context| SecretBox::new(Box::new(blake3::derive_key(context, secret)));
         Ok(Self {
-            mac: SecretBox::new(Box::new(blake3::derive_key(MAC_CONTEXT, secret))),
-            names: SecretBox::new(Box::new(blake3::derive_key(NAMES_CONTEXT, secret))),
+            mac: derive(MAC_CONTEXT),
+            names: derive(NAMES_CONTEXT),
+            tokens_cipher: derive(TOKENS_CIPHER_CONTEXT),
+            chunk_cipher: derive(CHUNK_CIPHER_CONTEXT),
+            encrypt: true,
         })
+    }
+
+    /// The same secret, writing encrypted objects (`true`, the default) or MAC-sealed clear
+    /// ones (`false`: a little cheaper, for a bucket nobody else can read). Either reads both.
+    pub fn encrypting(&self, encrypt: bool) -> Self {
+        let copy = |k: &SecretBox<[u8; 32]>| SecretBox::new(Box::new(*k.expose_secret()));
+        Self {
+            mac: copy(&self.mac),
+            names: copy(&self.names),
+            tokens_cipher: copy(&self.tokens_cipher),
+            chunk_cipher: copy(&self.chunk_cipher),
+            encrypt,
+        }
+    }
+
+    /// Whether objects this key writes are encrypted.
+    pub fn encrypts(&self) -> bool {
+        self.encrypt
+    }
+
+    fn cipher(key: &SecretBox<[u8; 32]>) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(key.expose_secret()))
     }
 
     /// Reads the secret from a file (its whole content).
@@ -89,7 +137,7 @@ impl PartialEq for StoreKey {
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StoreKey(<redacted>)")
+        write!(f, "StoreKey(<redacted>, encrypt: {})", self.encrypt)
     }
 }
 
@@ -135,32 +183,70 @@ const MAGIC: [u8; 4] = *b"KVOB";
 const VERSION: u16 = 2;
 const SEAL_CHECKSUM: u8 = 0;
 const SEAL_KEYED: u8 = 1;
+const SEAL_ENCRYPTED: u8 = 2;
 /// Bytes before the token ids: magic, version, seal, kind, binding, tag, token count.
 pub const HEADER_BYTES: usize = 4 + 2 + 1 + 1 + 32 + 32 + 4;
 const TAG_AT: usize = 4 + 2 + 1 + 1 + 32;
+/// An encrypted object's nonce lies in the first bytes of the tag field (the rest are zero).
+const NONCE_BYTES: usize = 24;
+/// Bytes an encrypted object carries on top of a clear one: a Poly1305 tag per segment.
+pub const AEAD_OVERHEAD: usize = 2 * AEAD_TAG_BYTES;
+const AEAD_TAG_BYTES: usize = 16;
 
-/// The object holding `tokens` and the codec chunk `encoded`, sealed (with `key`, or by
-/// checksum) and bound to `binding`.
-pub fn seal(binding: Binding, tokens: &[u32], encoded: &[u8], key: Option<&StoreKey>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_BYTES + 4 * tokens.len() + encoded.len());
+/// The object holding `tokens` and the codec chunk `encoded`, sealed (with `key`: encrypted or
+/// MAC-sealed as the key says; without: by checksum) and bound to `binding`.
+pub fn seal(
+    binding: Binding,
+    tokens: &[u32],
+    encoded: &[u8],
+    key: Option<&StoreKey>,
+) -> Result<Vec<u8>, StoreError> {
+    let seal = match key {
+        Some(key) if key.encrypt => SEAL_ENCRYPTED,
+        Some(_) => SEAL_KEYED,
+        None => SEAL_CHECKSUM,
+    };
+    let mut out =
+        Vec::with_capacity(HEADER_BYTES + 4 * tokens.len() + encoded.len() + AEAD_OVERHEAD);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(if key.is_some() {
-        SEAL_KEYED
-    } else {
-        SEAL_CHECKSUM
-    });
+    out.push(seal);
     out.push(binding.kind.code());
     out.extend_from_slice(&binding.hash);
     out.extend_from_slice(&[0; 32]);
     out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
-    for t in tokens {
-        out.extend_from_slice(&t.to_le_bytes());
-    }
-    out.extend_from_slice(encoded);
-    let tag = tag_of(&out, key);
-    out[TAG_AT..TAG_AT + 32].copy_from_slice(tag.as_bytes());
-    out
+    let key = match key {
+        Some(key) if key.encrypt => key,
+        _ => {
+            for t in tokens {
+                out.extend_from_slice(&t.to_le_bytes());
+            }
+            out.extend_from_slice(encoded);
+            let tag = tag_of(&out, key);
+            out[TAG_AT..TAG_AT + 32].copy_from_slice(tag.as_bytes());
+            return Ok(out);
+        }
+    };
+    let mut nonce = [0u8; NONCE_BYTES];
+    getrandom::fill(&mut nonce)
+        .map_err(|e| StoreError::backend(format!("no random nonce for an object: {e}")))?;
+    out[TAG_AT..TAG_AT + NONCE_BYTES].copy_from_slice(&nonce);
+    let nonce = XNonce::from(nonce);
+    // Each segment is encrypted where it lies, the header (nonce included) as associated data.
+    let segment = |out: &mut Vec<u8>, cipher: XChaCha20Poly1305, clear: &[u8]| {
+        let start = out.len();
+        out.extend_from_slice(clear);
+        let (header, body) = out.split_at_mut(start);
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce, &header[..HEADER_BYTES], body)
+            .map_err(|_| StoreError::backend("an object too large to encrypt"))?;
+        out.extend_from_slice(&tag);
+        Ok::<_, StoreError>(())
+    };
+    let ids: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    segment(&mut out, StoreKey::cipher(&key.tokens_cipher), &ids)?;
+    segment(&mut out, StoreKey::cipher(&key.chunk_cipher), encoded)?;
+    Ok(out)
 }
 
 /// The tag over every byte of `object` but the tag's own.
@@ -185,12 +271,21 @@ fn tag_of(object: &[u8], key: Option<&StoreKey>) -> blake3::Hash {
     h.finalize()
 }
 
-/// The header of an object: the token ids it covers (checked against the prompt before
-/// anything else is read). Needs only the header and the ids, not the whole object.
-pub fn peek_tokens(object: &[u8]) -> Result<Vec<u32>, StoreError> {
-    let (_, _, _, n) = header(object)?;
-    Ok(token_ids(object, n)?.0)
+/// The token ids an object covers, to check against the prompt before the rest is fetched or
+/// read. Needs only the header and the ids (a ranged read is enough), not the whole object. An
+/// encrypted object's ids are decrypted and authenticated (they need this store's key); a clear
+/// object's are read as they are: [`open`] checks them with the rest.
+pub fn peek_tokens(object: &[u8], key: Option<&StoreKey>) -> Result<Vec<u32>, StoreError> {
+    let header = header(object)?;
+    if header.seal != SEAL_ENCRYPTED {
+        return Ok(token_ids(object, header.n)?.0);
+    }
+    let key = key.ok_or_else(|| unauthenticated(NO_KEY))?;
+    Ok(decrypt_token_ids(object, &header, key)?.0)
 }
+
+const NO_KEY: &str = "the object is sealed with a key and this store has none";
+const WRONG_KEY: &str = "the MAC does not match: not written with this store's key";
 
 /// The `n` token ids after the header, and where they end.
 fn token_ids(object: &[u8], n: usize) -> Result<(Vec<u32>, usize), StoreError> {
@@ -198,31 +293,75 @@ fn token_ids(object: &[u8], n: usize) -> Result<(Vec<u32>, usize), StoreError> {
     let ids = object
         .get(HEADER_BYTES..end)
         .ok_or_else(|| corrupt(format!("object ends inside its {n} token ids")))?;
-    let ids = ids
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((ids, end))
+    Ok((ids_of(ids), end))
 }
 
-/// Checks an object's seal and binding, then returns its token ids and codec chunk. Costs one
-/// pass of BLAKE3 over the object; nothing of the chunk is read before the tag is checked.
+fn ids_of(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// An encrypted object's token ids, authenticated, and where their segment ends.
+fn decrypt_token_ids(
+    object: &[u8],
+    header: &Header,
+    key: &StoreKey,
+) -> Result<(Vec<u32>, usize), StoreError> {
+    let end = HEADER_BYTES + 4 * header.n + AEAD_TAG_BYTES;
+    let segment = object
+        .get(HEADER_BYTES..end)
+        .ok_or_else(|| corrupt(format!("object ends inside its {} token ids", header.n)))?;
+    let clear = decrypt(object, segment, StoreKey::cipher(&key.tokens_cipher))?;
+    Ok((ids_of(&clear), end))
+}
+
+/// One segment (ciphertext, then its tag) of the encrypted `object`, decrypted and checked.
+fn decrypt(
+    object: &[u8],
+    segment: &[u8],
+    cipher: XChaCha20Poly1305,
+) -> Result<Vec<u8>, StoreError> {
+    let (ciphertext, tag) = segment
+        .split_last_chunk::<AEAD_TAG_BYTES>()
+        .map(|(c, t)| (c, Tag::from(*t)))
+        .ok_or_else(|| corrupt("an encrypted segment shorter than its tag".into()))?;
+    let nonce = XNonce::from_slice(&object[TAG_AT..TAG_AT + NONCE_BYTES]);
+    let mut clear = ciphertext.to_vec();
+    cipher
+        .decrypt_in_place_detached(nonce, &object[..HEADER_BYTES], &mut clear, &tag)
+        .map_err(|_| unauthenticated(WRONG_KEY))?;
+    Ok(clear)
+}
+
+/// Checks an object's seal and binding, then returns its token ids and codec chunk (borrowed
+/// from a clear object, decrypted from an encrypted one). Costs one pass of BLAKE3 or of
+/// XChaCha20-Poly1305 over the object; nothing of the chunk is read before its tag is checked.
 pub fn open<'a>(
     object: &'a [u8],
     expected: Binding,
     key: Option<&StoreKey>,
-) -> Result<(Vec<u32>, &'a [u8]), StoreError> {
-    let (seal, kind, binding, n) = header(object)?;
-    match (seal, key) {
-        (SEAL_KEYED, None) => {
-            return Err(unauthenticated(
-                "the object is sealed with a key and this store has none",
-            ))
-        }
+) -> Result<(Vec<u32>, Cow<'a, [u8]>), StoreError> {
+    let header = header(object)?;
+    let moved = || unauthenticated("the object was sealed for another name (moved or copied)");
+    let bound = (header.kind, header.binding) == (Some(expected.kind), expected.hash);
+    match (header.seal, key) {
+        (SEAL_KEYED | SEAL_ENCRYPTED, None) => return Err(unauthenticated(NO_KEY)),
         (SEAL_CHECKSUM, Some(_)) => {
             return Err(unauthenticated(
                 "the object carries no MAC; a store with a key accepts only objects sealed with it",
             ))
+        }
+        (SEAL_ENCRYPTED, Some(key)) => {
+            // The header is both segments' associated data: once the ids decrypt, the binding
+            // is the writer's.
+            let (tokens, end) = decrypt_token_ids(object, &header, key)?;
+            if !bound {
+                return Err(moved());
+            }
+            let chunk = decrypt(object, &object[end..], StoreKey::cipher(&key.chunk_cipher))?;
+            return Ok((tokens, Cow::Owned(chunk)));
         }
         (SEAL_KEYED | SEAL_CHECKSUM, _) => {}
         (other, _) => return Err(corrupt(format!("unknown seal {other}"))),
@@ -235,20 +374,25 @@ pub fn open<'a>(
     // `blake3::Hash`'s equality is constant-time.
     if tag_of(object, key) != tag {
         return Err(match key {
-            Some(_) => unauthenticated("the MAC does not match: not written with this store's key"),
+            Some(_) => unauthenticated(WRONG_KEY),
             None => corrupt("the checksum does not match".into()),
         });
     }
-    if (kind, binding) != (Some(expected.kind), expected.hash) {
-        return Err(unauthenticated(
-            "the object was sealed for another name (moved or copied)",
-        ));
+    if !bound {
+        return Err(moved());
     }
-    let (tokens, body) = token_ids(object, n)?;
-    Ok((tokens, &object[body..]))
+    let (tokens, body) = token_ids(object, header.n)?;
+    Ok((tokens, Cow::Borrowed(&object[body..])))
 }
 
-type Header = (u8, Option<ObjectKind>, [u8; 32], usize);
+/// The clear fields of an object's header.
+struct Header {
+    seal: u8,
+    kind: Option<ObjectKind>,
+    binding: [u8; 32],
+    /// Token ids the object covers.
+    n: usize,
+}
 
 fn header(object: &[u8]) -> Result<Header, StoreError> {
     if object.len() < HEADER_BYTES {
@@ -270,7 +414,12 @@ fn header(object: &[u8]) -> Result<Header, StoreError> {
             .expect("4 bytes"),
     ) as usize;
     let binding: [u8; 32] = object[8..40].try_into().expect("32 bytes");
-    Ok((object[6], ObjectKind::from_code(object[7]), binding, n))
+    Ok(Header {
+        seal: object[6],
+        kind: ObjectKind::from_code(object[7]),
+        binding,
+        n,
+    })
 }
 
 fn corrupt(reason: String) -> StoreError {
@@ -296,43 +445,80 @@ mod tests {
         hash: [7; 32],
     };
 
+    fn refused(r: Result<impl fmt::Debug, StoreError>) -> String {
+        match r {
+            Err(StoreError::Unauthenticated { reason }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_sealed_object_opens_with_its_key_and_binding_only() {
         let (a, b) = (
             key("correct horse battery staple"),
             key("another deployment secret"),
         );
-        let object = seal(CHUNK, &[1, 2, 3], b"payload", Some(&a));
-        let (tokens, chunk) = open(&object, CHUNK, Some(&a)).unwrap();
-        assert_eq!((tokens, chunk), (vec![1, 2, 3], &b"payload"[..]));
-        assert_eq!(peek_tokens(&object).unwrap(), vec![1, 2, 3]);
-        let refused = |r: Result<_, StoreError>| match r {
-            Err(StoreError::Unauthenticated { reason }) => reason,
-            other => panic!("expected a refusal, got {other:?}"),
-        };
-        refused(open(&object, CHUNK, Some(&b)));
-        refused(open(&object, CHUNK, None));
-        let tail = Binding {
-            kind: ObjectKind::Tail,
-            ..CHUNK
-        };
-        assert!(refused(open(&object, tail, Some(&a))).contains("another name"));
-        let moved = Binding {
-            hash: [8; 32],
-            ..CHUNK
-        };
-        assert!(refused(open(&object, moved, Some(&a))).contains("another name"));
+        for a in [a.encrypting(true), a.encrypting(false)] {
+            let object = seal(CHUNK, &[1, 2, 3], b"payload", Some(&a)).unwrap();
+            let (tokens, chunk) = open(&object, CHUNK, Some(&a)).unwrap();
+            assert_eq!((tokens, &chunk[..]), (vec![1, 2, 3], &b"payload"[..]));
+            assert_eq!(peek_tokens(&object, Some(&a)).unwrap(), vec![1, 2, 3]);
+            // The same secret reads what it wrote either way.
+            let other_mode = a.encrypting(!a.encrypts());
+            assert_eq!(
+                open(&object, CHUNK, Some(&other_mode)).unwrap().0,
+                [1, 2, 3]
+            );
+            refused(open(&object, CHUNK, Some(&b)));
+            refused(open(&object, CHUNK, None));
+            let tail = Binding {
+                kind: ObjectKind::Tail,
+                ..CHUNK
+            };
+            assert!(refused(open(&object, tail, Some(&a))).contains("another name"));
+            let moved = Binding {
+                hash: [8; 32],
+                ..CHUNK
+            };
+            assert!(refused(open(&object, moved, Some(&a))).contains("another name"));
+        }
         // Unkeyed objects: accepted by an unkeyed store, refused by a keyed one.
-        let plain = seal(CHUNK, &[1, 2, 3], b"payload", None);
+        let plain = seal(CHUNK, &[1, 2, 3], b"payload", None).unwrap();
         assert!(open(&plain, CHUNK, None).is_ok());
-        assert!(refused(open(&plain, CHUNK, Some(&a))).contains("no MAC"));
+        assert!(refused(open(&plain, CHUNK, Some(&key("0123456789abcdef")))).contains("no MAC"));
+    }
+
+    #[test]
+    fn an_encrypted_object_shows_nothing_of_its_tokens_or_chunk_and_needs_the_key_to_peek() {
+        let k = key("correct horse battery staple");
+        let tokens: Vec<u32> = (1000..1064).collect();
+        let chunk = b"a codec chunk that must not be readable in the bucket".repeat(4);
+        let object = seal(CHUNK, &tokens, &chunk, Some(&k)).unwrap();
+        assert_eq!(
+            object.len(),
+            HEADER_BYTES + 4 * 64 + chunk.len() + AEAD_OVERHEAD
+        );
+        let ids: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let contains = |needle: &[u8]| object.windows(needle.len()).any(|w| w == needle);
+        assert!(!contains(&ids[..16]) && !contains(&chunk[..16]));
+        // Two seals of the same content differ (a fresh nonce each).
+        assert_ne!(object, seal(CHUNK, &tokens, &chunk, Some(&k)).unwrap());
+        // Only the header and the ids' segment are needed to peek (one ranged read).
+        let ranged = &object[..HEADER_BYTES + 4 * 64 + AEAD_TAG_BYTES];
+        assert_eq!(peek_tokens(ranged, Some(&k)).unwrap(), tokens);
+        assert!(refused(peek_tokens(&object, None)).contains("has none"));
+        refused(peek_tokens(
+            &object,
+            Some(&key("another deployment secret")),
+        ));
     }
 
     #[test]
     fn every_flipped_bit_is_caught_before_the_chunk_is_read() {
         let k = key("0123456789abcdef0123");
-        for key in [Some(&k), None] {
-            let object = seal(CHUNK, &[5, 6], &[9; 40], key);
+        let clear = k.encrypting(false);
+        for key in [Some(&k), Some(&clear), None] {
+            let object = seal(CHUNK, &[5, 6], &[9; 40], key).unwrap();
             for i in 0..object.len() {
                 for bit in [0, 3, 7] {
                     let mut bad = object.clone();
@@ -351,9 +537,9 @@ mod tests {
         let e = StoreKey::from_secret(b"  short\n").unwrap_err();
         assert!(e.to_string().contains("at least 16"), "{e}");
         let k = key("a secret long enough to use");
-        assert_eq!(format!("{k:?}"), "StoreKey(<redacted>)");
+        assert_eq!(format!("{k:?}"), "StoreKey(<redacted>, encrypt: true)");
         // Trailing whitespace (a file's newline) is not part of the secret.
-        let object = seal(CHUNK, &[1], b"x", Some(&k));
+        let object = seal(CHUNK, &[1], b"x", Some(&k)).unwrap();
         assert!(open(&object, CHUNK, Some(&key("a secret long enough to use\n"))).is_ok());
     }
 }

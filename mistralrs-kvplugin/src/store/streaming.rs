@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::{
     common_prefix_len,
-    object::{candle_dtype, parse_object, prefix_of},
+    object::{candle_dtype, parse_chunk, prefix_of},
     seal::{self, Binding, ObjectKind, StoreKey},
     ObjectPrefixStore, RowCapacity, StoreError,
 };
@@ -496,7 +496,7 @@ impl ObjectPrefixStore {
         if is_tail {
             return Ok(common_prefix_len(&self.tail_tokens(bytes)?, want));
         }
-        if seal::peek_tokens(bytes)? != want {
+        if seal::peek_tokens(bytes, self.key())? != want {
             return Err(StoreError::Corrupt {
                 reason: "object's tokens differ from the prompt's".into(),
             });
@@ -575,19 +575,35 @@ pub(super) fn decode_parts_into(
             good_parts: 0,
         };
     }
-    let opened: Vec<_> = parts
-        .par_iter()
-        .map(|p| parse_object(&p.bytes, p.binding, model, key).map(|(_, chunk)| chunk))
-        .collect();
-    let good = opened.iter().take_while(|c| c.is_ok()).count();
-    let mut chunks = Vec::with_capacity(good);
+    // Seals first (an encrypted object is decrypted here), then the codec chunks inside them;
+    // the parts before the first bad one are used.
     let mut failure = None;
-    for (i, chunk) in opened.into_iter().enumerate() {
-        match chunk {
-            Ok(chunk) if failure.is_none() => chunks.push(chunk),
-            Ok(_) => {}
+    let mut bodies = Vec::with_capacity(parts.len());
+    let sealed: Vec<_> = parts
+        .par_iter()
+        .map(|p| seal::open(&p.bytes, p.binding, key))
+        .collect();
+    for (i, opened) in sealed.into_iter().enumerate() {
+        match opened {
+            Ok((tokens, body)) => bodies.push((tokens.len(), body)),
             Err(e) => {
-                failure.get_or_insert((Some(i), e));
+                failure = Some((Some(i), e));
+                break;
+            }
+        }
+    }
+    let parsed: Vec<_> = bodies
+        .par_iter()
+        .map(|(n_tokens, body)| parse_chunk(body, *n_tokens, model))
+        .collect();
+    let mut chunks = Vec::with_capacity(parsed.len());
+    for (i, chunk) in parsed.into_iter().enumerate() {
+        match chunk {
+            Ok(chunk) => chunks.push(chunk),
+            Err(e) => {
+                // Earlier than any failure to open.
+                failure = Some((Some(i), e));
+                break;
             }
         }
     }
@@ -771,7 +787,7 @@ mod tests {
             hash: [1; 32],
         };
         DecodePart {
-            bytes: seal::seal(binding, &[0; 8], &encoded, None).into(),
+            bytes: seal::seal(binding, &[0; 8], &encoded, None).unwrap().into(),
             offset: 0,
             take: 8,
             binding,
