@@ -459,3 +459,66 @@ async fn loads_exactly(
         0.0
     );
 }
+
+/// A chunk holding another prompt's tokens ends the hit after the good chunks before it, also
+/// when they all arrive in one batch (the good ones waiting to be decoded were once dropped with
+/// it: found by `kvplugin bench faults` on s3s-fs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_of_another_prompt_ends_the_hit_after_the_good_ones_that_came_with_it() {
+    use integration_tests::store_suite::{max_diff, CHUNK};
+    use mistralrs_kvplugin::store::{
+        faulty::{Fault, FaultSwitch, FaultyStore},
+        seal,
+    };
+    use std::sync::atomic::Ordering;
+
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let switch = FaultSwitch::default();
+    let store = store_over(
+        Arc::new(FaultyStore::new(memory.clone(), switch.clone())),
+        Level::Lossless,
+    );
+    let m = model(1);
+    let (a, b) = (tokens(3 * CHUNK + 5, 1), tokens(3 * CHUNK + 5, 2));
+    let saved_b = prefix(&b, 2.0);
+    store.save(&m, prefix(&a, 1.0)).await.unwrap();
+    store.save(&m, saved_b.clone()).await.unwrap();
+    // b's third chunk is replaced with a's (a valid object, bound to another name).
+    let mut third = (None, None);
+    let paths: Vec<_> = {
+        use futures::TryStreamExt;
+        memory
+            .list(None)
+            .map_ok(|o| o.location)
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    for path in paths {
+        if !path.filename().unwrap().starts_with("c-2-") {
+            continue;
+        }
+        let bytes = memory.get(&path).await.unwrap().bytes().await.unwrap();
+        if seal::peek_tokens(&bytes, None).unwrap() == a[2 * CHUNK..3 * CHUNK] {
+            third.0 = Some(bytes);
+        } else {
+            third.1 = Some(path);
+        }
+    }
+    let (Some(a_third), Some(b_third)) = third else {
+        panic!("each prompt has a third chunk")
+    };
+    memory.put(&b_third, a_third.into()).await.unwrap();
+
+    // Equal delays: every fetch of the run completes at once and the decoder takes them in one
+    // batch.
+    switch.set(Fault::SlowReads(std::time::Duration::from_millis(50)));
+    let hit = store
+        .load(&m, &b, 0)
+        .await
+        .unwrap()
+        .expect("two good chunks");
+    assert_eq!(hit.tokens, b[..2 * CHUNK]);
+    assert_eq!(max_diff(&hit, &saved_b, 2 * CHUNK), 0.0);
+    assert_eq!(store.counters().objects_corrupt.load(Ordering::Relaxed), 1);
+}

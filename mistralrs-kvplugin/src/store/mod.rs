@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod breaker;
 pub mod durable;
+pub mod faulty;
 pub mod layout;
 mod memory;
 mod object;

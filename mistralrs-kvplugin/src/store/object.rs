@@ -749,9 +749,10 @@ impl ObjectPrefixStore {
                         }
                     });
                     if let Err(e) = ours {
+                        // The chunks waiting before it are still good: decoded below.
                         self.found_bad(&chunk_path(index), &e);
                         bad = Some(e);
-                        break 'run;
+                        break;
                     }
                     waiting.push(DecodePart {
                         bytes,
@@ -772,13 +773,18 @@ impl ObjectPrefixStore {
                         if let Some(part) = part {
                             self.found_bad(&chunk_path(first_index + part), &e);
                         }
+                        // Earlier in the prompt than a bad chunk found by its tokens.
                         bad = Some(e);
                         break 'run;
                     }
                 }
+                if bad.is_some() {
+                    break 'run;
+                }
             }
-            // Chunks fetched but never opened (the run was too short to be worth it, or a bad
-            // chunk ended it): the former go with the tail, the latter are dropped.
+            // Chunks fetched but never opened (the run was too short to be worth it, with or
+            // without a bad chunk after them): the former go with the tail, the latter are
+            // dropped (the hit is too short to use).
             if bad.is_some() {
                 waiting.clear();
             }
