@@ -4,6 +4,7 @@
 pub mod baselines;
 pub mod blend;
 pub mod codec;
+pub mod faults;
 pub mod offload;
 pub mod paged;
 pub mod plot;

@@ -97,6 +97,10 @@ enum BenchCommand {
     /// prompts, and the selection diagnostics (attention deviation against the ratio, rank
     /// correlation of deviations between layers).
     Blend(crate::bench::blend::BlendBenchArgs),
+    /// The fault matrix: the real engine and model against each store with a failure in it
+    /// (server down or silent, slow, corrupt, truncated, hostile or planted objects, full
+    /// disk, wrong credentials, bad prompts, ...): answers against stock, lost requests, TTFT.
+    Faults(crate::bench::faults::FaultsBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -115,6 +119,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream::run(args),
         Command::Bench(BenchCommand::Blend(args)) => crate::bench::blend::run_bench(args),
         Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
+        Command::Bench(BenchCommand::Faults(args)) => crate::bench::faults::run(args),
         Command::Eval(EvalCommand::BlendQa(args)) => crate::bench::blend::run_eval(args),
     };
     match result {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The fault matrix (`kvplugin bench faults`) on local disk, s3s-fs and Garage: the two servers are
+# started on 127.0.0.1 by the `bench-faults` binary (integration-tests) and stopped at the end.
+#
+#   scripts/bench-faults.sh [OUT_DIR] [extra `bench faults` arguments, e.g. --context 1024]
+#
+# Writes OUT_DIR/faults.json (default OUT_DIR: .kvplugin/bench-faults-out). Needs `make setup-tests`
+# (the servers). Fails when any row has a wrong answer or a lost request.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-$root/.kvplugin/bench-faults-out}"
+shift || true
+mkdir -p "$out"
+store="$(mktemp -d)"
+trap 'rm -rf "$store"' EXIT
+cd "$root"
+cargo build --release --locked -p integration-tests --bin bench-faults
+"${CARGO_TARGET_DIR:-$HOME/.cache/mistralrs-kvplugin/target}/release/bench-faults" \
+  --store "$store" --json "$out/faults.json" "$@"
