@@ -158,7 +158,7 @@ pub struct FaultRow {
 /// What a request got: tokens, or an error response (stock refuses an empty prompt and one
 /// longer than the model's context with a validation error).
 #[derive(Debug, Clone, PartialEq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Answer(Vec<Option<u32>>),
     Refused(String),
 }
@@ -224,7 +224,7 @@ impl FaultReport {
 }
 
 /// A store from `--store`: a config file, or a URL with the environment's settings.
-fn store_from_spec(spec: &str) -> anyhow::Result<StoreUnderTest> {
+pub(crate) fn store_from_spec(spec: &str) -> anyhow::Result<StoreUnderTest> {
     let config = if spec.ends_with(".toml") {
         PluginConfig::load(std::path::Path::new(spec))?
     } else {
@@ -391,7 +391,7 @@ pub async fn run_matrix(
 
 /// A request's outcome and TTFT (an error response's: the time it took), or, past `deadline`,
 /// why it was lost.
-async fn outcome_within(
+pub(crate) async fn outcome_within(
     engine: &LocalEngine,
     prompt: &[u32],
     max_new_tokens: usize,
@@ -686,18 +686,22 @@ impl Case<'_> {
     }
 
     async fn delete_namespace(&self) {
-        let Ok(backend) = self.store.config.open_backend() else {
-            return;
-        };
-        if let Ok(paths) = list(&*backend, &self.namespace).await {
-            for path in paths {
-                let _ = backend.delete(&path).await;
-            }
+        if let Ok(backend) = self.store.config.open_backend() {
+            delete_under(&*backend, &self.namespace).await;
         }
     }
 
     async fn clean_up(&self) {
         self.delete_namespace().await;
+    }
+}
+
+/// Deletes every object under `namespace` (what a benchmark wrote), as far as it can.
+pub(crate) async fn delete_under(backend: &dyn ObjectStore, namespace: &str) {
+    if let Ok(paths) = list(backend, namespace).await {
+        for path in paths {
+            let _ = backend.delete(&path).await;
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod baselines;
 pub mod blend;
 pub mod codec;
 pub mod faults;
+pub mod load;
 pub mod offload;
 pub mod paged;
 pub mod plot;

@@ -101,6 +101,9 @@ enum BenchCommand {
     /// (server down or silent, slow, corrupt, truncated, hostile or planted objects, full
     /// disk, wrong credentials, bad prompts, ...): answers against stock, lost requests, TTFT.
     Faults(crate::bench::faults::FaultsBenchArgs),
+    /// Many concurrent sessions of long prompts (store hits and misses) on one engine: lost
+    /// requests, wrong answers, TTFT p50/p99, peak memory beside the lookup memory budget.
+    Load(crate::bench::load::LoadBenchArgs),
 }
 
 /// Runs the command line; the binary's `main`.
@@ -120,6 +123,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Blend(args)) => crate::bench::blend::run_bench(args),
         Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
         Command::Bench(BenchCommand::Faults(args)) => crate::bench::faults::run(args),
+        Command::Bench(BenchCommand::Load(args)) => crate::bench::load::run(args),
         Command::Eval(EvalCommand::BlendQa(args)) => crate::bench::blend::run_eval(args),
     };
     match result {
