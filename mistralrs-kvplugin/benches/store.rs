@@ -1,7 +1,8 @@
 //! Criterion benchmarks of whole-prefix store loads from local disk: a 6,042-token prefix with
 //! SmolLM2-135M's shape (30 layers, 3 KV heads of 64, F32) saved at `high` and `lossless`, then
 //! loaded into buffers of the engine's capacity (rows rounded up to 512) as the hook does, from a
-//! store without a key (objects sealed by checksum) and one with a key (keyed MACs). This is
+//! store without a key (objects sealed by checksum) and with a key (encrypted, the default with
+//! one, or keyed MACs in the clear with `encrypt = false`). This is
 //! the store's share of a hit's TTFT, without the engine (`kvplugin bench offload` measures the
 //! whole hit on the real model); run it under `perf record` to see where a load's time goes.
 //!
@@ -85,13 +86,20 @@ fn store_load(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_load");
     group.sample_size(10);
     group.throughput(Throughput::Elements(TOKENS as u64));
-    let key = Arc::new(StoreKey::from_secret(b"a benchmark's deployment secret").unwrap());
+    let key = StoreKey::from_secret(b"a benchmark's deployment secret").unwrap();
+    // With a key: encrypted (the default) or MAC-sealed in the clear.
+    let (encrypted, clear) = (
+        Arc::new(key.encrypting(true)),
+        Arc::new(key.encrypting(false)),
+    );
     for (level, key) in [
         (Level::High, None),
         (Level::Lossless, None),
-        (Level::Lossless, Some(key)),
+        (Level::Lossless, Some(clear)),
+        (Level::Lossless, Some(encrypted)),
     ] {
-        let name = match key {
+        let name = match &key {
+            Some(key) if key.encrypts() => format!("{}-encrypted", level.name()),
             Some(_) => format!("{}-keyed", level.name()),
             None => level.name().to_string(),
         };

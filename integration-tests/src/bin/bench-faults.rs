@@ -47,7 +47,11 @@ fn main() -> anyhow::Result<()> {
             let mut config = PluginConfig::default();
             config.store.url = url.clone();
             StoreUnderTest {
-                name: format!("local ({url})"),
+                name: if cli.bench.store.len() == 1 {
+                    "local".into()
+                } else {
+                    format!("local ({url})")
+                },
                 config,
             }
         })
