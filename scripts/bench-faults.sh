@@ -14,6 +14,9 @@ mkdir -p "$out"
 store="$(mktemp -d)"
 trap 'rm -rf "$store"' EXIT
 cd "$root"
-cargo build --release --locked -p integration-tests --bin bench-faults
-"${CARGO_TARGET_DIR:-$HOME/.cache/mistralrs-kvplugin/target}/release/bench-faults" \
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mistralrs-kvplugin/target}"
+# The whole workspace, as `make setup` builds it: building one package alone resolves other
+# features and would build the engine again.
+cargo build --release --locked --workspace
+"$CARGO_TARGET_DIR/release/bench-faults" \
   --store "$store" --json "$out/faults.json" "$@"
