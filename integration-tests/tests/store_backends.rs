@@ -266,10 +266,7 @@ async fn hostile_objects_are_refused_before_anything_is_allocated() {
     use mistralrs_kvplugin::{
         codec::{self, ChunkShape, KvChunk, KvDType},
         fingerprint::KvLayout,
-        store::{
-            seal::{self, Binding, ObjectKind},
-            StoreError,
-        },
+        store::{seal, StoreError},
     };
     use object_store::path::Path;
 
@@ -330,10 +327,7 @@ async fn hostile_objects_are_refused_before_anything_is_allocated() {
         let (backend, encoded) = (backend.clone(), encoded.clone());
         async move {
             let honest = backend.get(&path).await.unwrap().bytes().await.unwrap();
-            let binding = Binding {
-                kind: ObjectKind::Chunk,
-                hash: honest[8..40].try_into().unwrap(),
-            };
+            let (binding, _) = seal::claimed_binding(&honest).unwrap();
             let tokens = seal::peek_tokens(&honest, None).unwrap();
             let hostile = seal::seal(binding, &tokens, &encoded, None).unwrap();
             backend.put(&path, hostile.into()).await.unwrap();

@@ -51,8 +51,7 @@ use crate::{
     model,
     store::{
         faulty::{Fault, FaultSwitch, FaultyStore},
-        seal::{self, Binding, ObjectKind},
-        ObjectPrefixStore, PrefixStore, SaveOutcome, StoreError, StoreKey,
+        seal, ObjectPrefixStore, PrefixStore, SaveOutcome, StoreError, StoreKey,
     },
 };
 
@@ -479,10 +478,18 @@ impl Case<'_> {
     async fn prepare(&self, fault: &str) -> anyhow::Result<(&'static str, ObjectPrefixStore)> {
         let config = self.config();
         let (store, switch) = self.store_with_switch(&config)?;
-        let inject = |fault: Fault| {
-            switch.set(fault);
-        };
         let timeout = Duration::from_millis(self.args.load_timeout_ms);
+        // The faults a `FaultyStore` makes once the store holds the caches (on S3, the first
+        // four are made for real below instead).
+        let injected = match fault {
+            "server_down" => Some(Fault::Down),
+            "never_answers" => Some(Fault::Hang),
+            "wrong_credentials" => Some(Fault::Denied),
+            "slow" => Some(Fault::SlowReads(timeout / 10)),
+            "load_timeout" => Some(Fault::SlowReads(timeout + Duration::from_secs(1))),
+            "deleted_after_lookup" => Some(Fault::Vanished),
+            _ => None,
+        };
         Ok(match fault {
             "server_down" | "never_answers" | "wrong_credentials" | "missing_bucket"
                 if self.is_s3() =>
@@ -502,19 +509,9 @@ impl Case<'_> {
                 }
                 ("real", broken.build_store()?)
             }
-            "server_down" => {
+            _ if injected.is_some() => {
                 self.populate(&store).await?;
-                inject(Fault::Down);
-                ("injected", store)
-            }
-            "never_answers" => {
-                self.populate(&store).await?;
-                inject(Fault::Hang);
-                ("injected", store)
-            }
-            "wrong_credentials" => {
-                self.populate(&store).await?;
-                inject(Fault::Denied);
+                switch.set(injected.expect("matched"));
                 ("injected", store)
             }
             "missing_bucket" => {
@@ -523,23 +520,9 @@ impl Case<'_> {
                 self.delete_namespace().await;
                 ("real", store)
             }
-            "slow" => {
-                self.populate(&store).await?;
-                inject(Fault::SlowReads(timeout / 10));
-                ("injected", store)
-            }
-            "load_timeout" => {
-                self.populate(&store).await?;
-                inject(Fault::SlowReads(timeout + Duration::from_secs(1)));
-                ("injected", store)
-            }
-            "deleted_after_lookup" => {
-                self.populate(&store).await?;
-                inject(Fault::Vanished);
-                ("injected", store)
-            }
             "disk_full" => {
-                inject(Fault::Full);
+                // Nothing stored: the reader's own saves hit the full disk.
+                switch.set(Fault::Full);
                 ("injected", store)
             }
             "corrupt_object"
@@ -713,19 +696,6 @@ async fn list(backend: &dyn ObjectStore, namespace: &str) -> anyhow::Result<Vec<
         .await?)
 }
 
-/// The binding an object's clear header names.
-fn binding_of(object: &[u8]) -> anyhow::Result<Binding> {
-    anyhow::ensure!(object.len() >= seal::HEADER_BYTES, "a short object");
-    Ok(Binding {
-        kind: if object[7] == 0 {
-            ObjectKind::Chunk
-        } else {
-            ObjectKind::Tail
-        },
-        hash: object[8..40].try_into()?,
-    })
-}
-
 /// A damaged copy of `object` (a chunk of `model`'s, sealed with `key`), as the fault says. The
 /// hostile ones are sealed as a writer holding the key would seal them: the plugin's defences
 /// behind the seal are what they test.
@@ -736,8 +706,9 @@ fn hostile(
     model: &ModelFingerprint,
 ) -> anyhow::Result<Vec<u8>> {
     let mut bad = object.to_vec();
-    let binding = binding_of(object)?;
-    let (tokens, chunk) = seal::open(object, binding, key)?;
+    let (binding, _) = seal::claimed_binding(object)?;
+    // The clear token ids and chunk, for the faults that seal new contents.
+    let opened = || seal::open(object, binding, key);
     match fault {
         "corrupt_object" => {
             let middle = bad.len() / 2;
@@ -750,7 +721,8 @@ fn hostile(
         "hostile_header" => {
             // The codec header claims a shape of 65535 layers x 65535 heads x 65535 channels,
             // its checksum fixed so that only the shape checks stand in the way.
-            let mut chunk = chunk.to_vec();
+            let (tokens, chunk) = opened()?;
+            let mut chunk = chunk.into_owned();
             for field in [8, 10, 12] {
                 chunk[field..field + 2].copy_from_slice(&u16::MAX.to_le_bytes());
             }
@@ -762,6 +734,7 @@ fn hostile(
         }
         "wrong_fingerprint" => {
             // Another model's cache under this model's name.
+            let (tokens, chunk) = opened()?;
             let decoded = codec::decode(&chunk, model.as_bytes())?;
             let other = codec::encode(&decoded, Level::Lossless, &[0xAB; 32])?;
             bad = seal::seal(binding, &tokens, &other, key)?;
@@ -774,9 +747,8 @@ fn hostile(
 /// What a writer without the deployment's key can plant at a keyed object's name: the same
 /// binding, made-up token ids and other values, a valid checksum seal.
 fn plant_without_key(object: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let binding = binding_of(object)?;
-    let n = u32::from_le_bytes(object[seal::HEADER_BYTES - 4..seal::HEADER_BYTES].try_into()?);
-    Ok(seal::seal(binding, &vec![0; n as usize], b"planted", None)?)
+    let (binding, n) = seal::claimed_binding(object)?;
+    Ok(seal::seal(binding, &vec![0; n], b"planted", None)?)
 }
 
 fn print_table(report: &FaultReport) {

@@ -79,10 +79,11 @@ impl FaultyStore {
         Self { inner, switch }
     }
 
-    /// Applies the fault to one call (`read`: a GET or HEAD).
-    async fn before(&self, location: &Path, read: bool) -> object_store::Result<()> {
+    /// Applies the fault (read once) to one call of kind `call` on `location`.
+    async fn before(&self, location: &Path, call: Call) -> object_store::Result<()> {
+        let read = call != Call::Write;
         match self.switch.get() {
-            Fault::None | Fault::Vanished => Ok(()),
+            Fault::None => Ok(()),
             Fault::Down => Err(generic("connection refused (the store is down)")),
             Fault::Hang => futures::future::pending().await,
             Fault::SlowReads(delay) => {
@@ -99,9 +100,24 @@ impl FaultyStore {
                 store: "faulty",
                 source: Box::new(std::io::Error::from_raw_os_error(28)),
             }),
-            Fault::Full => Ok(()),
+            Fault::Vanished if call == Call::Get => Err(object_store::Error::NotFound {
+                path: location.to_string(),
+                source: "deleted since the lookup saw it".into(),
+            }),
+            Fault::Full | Fault::Vanished => Ok(()),
         }
     }
+}
+
+/// The kinds of call a fault tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// A GET, whole or ranged.
+    Get,
+    /// A HEAD.
+    Head,
+    /// PUT, multipart PUT, copy, delete.
+    Write,
 }
 
 fn generic(reason: &'static str) -> object_store::Error {
@@ -125,7 +141,7 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.before(location, false).await?;
+        self.before(location, Call::Write).await?;
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -134,7 +150,7 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.before(location, false).await?;
+        self.before(location, Call::Write).await?;
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -143,13 +159,8 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.before(location, true).await?;
-        if self.switch.get() == Fault::Vanished && !options.head {
-            return Err(object_store::Error::NotFound {
-                path: location.to_string(),
-                source: "deleted since the lookup saw it".into(),
-            });
-        }
+        let call = if options.head { Call::Head } else { Call::Get };
+        self.before(location, call).await?;
         self.inner.get_opts(location, options).await
     }
 
@@ -158,18 +169,12 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         ranges: &[Range<u64>],
     ) -> object_store::Result<Vec<Bytes>> {
-        self.before(location, true).await?;
-        if self.switch.get() == Fault::Vanished {
-            return Err(object_store::Error::NotFound {
-                path: location.to_string(),
-                source: "deleted since the lookup saw it".into(),
-            });
-        }
+        self.before(location, Call::Get).await?;
         self.inner.get_ranges(location, ranges).await
     }
 
     async fn delete(&self, location: &Path) -> object_store::Result<()> {
-        self.before(location, false).await?;
+        self.before(location, Call::Write).await?;
         self.inner.delete(location).await
     }
 
@@ -182,12 +187,12 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-        self.before(to, false).await?;
+        self.before(to, Call::Write).await?;
         self.inner.copy(from, to).await
     }
 
     async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-        self.before(to, false).await?;
+        self.before(to, Call::Write).await?;
         self.inner.copy_if_not_exists(from, to).await
     }
 }

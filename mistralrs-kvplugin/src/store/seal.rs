@@ -385,6 +385,22 @@ pub fn open<'a>(
     Ok((tokens, Cow::Borrowed(&object[body..])))
 }
 
+/// The binding and token count an object's clear header claims, unchecked (nothing is
+/// authenticated: for tools and tests that rewrite objects, never for loading one).
+pub fn claimed_binding(object: &[u8]) -> Result<(Binding, usize), StoreError> {
+    let header = header(object)?;
+    let kind = header
+        .kind
+        .ok_or_else(|| corrupt("an unknown object kind".into()))?;
+    Ok((
+        Binding {
+            kind,
+            hash: header.binding,
+        },
+        header.n,
+    ))
+}
+
 /// The clear fields of an object's header.
 struct Header {
     seal: u8,
